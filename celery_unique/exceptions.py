@@ -1,0 +1,67 @@
+"""The package's exceptions: one base, context as attributes, all picklable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AlreadyEnqueued",
+    "AlreadyQueued",
+    "CeleryUniqueError",
+    "ConfigurationError",
+    "KeyBuildError",
+    "LockStoreUnavailable",
+]
+
+
+class CeleryUniqueError(Exception):
+    """A celery-unique error occurred."""
+
+    def __init__(self, message: str | None = None, **context: Any) -> None:
+        # The docstring's first line is the default message (procrastinate's habit), so
+        # every subclass documents and words itself in one place.
+        self.message = message or (self.__doc__ or "").strip().splitlines()[0]
+        self.context = context
+        for name, value in context.items():
+            setattr(self, name, value)
+        super().__init__(self.message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions pickle their ``args`` only; keyword context would be lost on the
+        # way through a result backend or a multiprocessing pool without this.
+        return (_rebuild, (type(self), self.message, self.context))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls: type[CeleryUniqueError], message: str, context: dict[str, Any]) -> Any:
+    return cls(message, **context)
+
+
+class ConfigurationError(CeleryUniqueError, ValueError):
+    """An option of celery-unique has an invalid value."""
+
+
+class KeyBuildError(CeleryUniqueError, ValueError):
+    """The lock key could not be built from the task's arguments."""
+
+
+class LockStoreUnavailable(CeleryUniqueError, ConnectionError):
+    """The Redis server holding the locks could not be reached."""
+
+
+class AlreadyQueued(CeleryUniqueError):
+    """A job holding the same queueing lock is already queued.
+
+    Attributes: ``key`` (the Redis key), ``task_id`` (the job already queued) and
+    ``ttl`` (seconds before the lock expires by itself).
+    """
+
+    key: str
+    task_id: str
+    ttl: float
+
+
+#: procrastinate's spelling of :class:`AlreadyQueued`.
+AlreadyEnqueued = AlreadyQueued

@@ -1,0 +1,122 @@
+"""Settings read from Celery's configuration, their defaults, and option checks.
+
+Precedence for every option: per call, then per task (decorator, class attribute or
+``task_annotations``), then the app-wide setting, then the default below.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections.abc import Sequence
+from typing import Any, TypedDict
+from urllib.parse import urlsplit, urlunsplit
+
+from celery import Celery
+
+from .exceptions import ConfigurationError
+from .keys import LockSpec
+
+__all__ = ["DEFAULTS", "UniqueOptions", "redis_url", "setting"]
+
+ON_DUPLICATE = ("raise", "existing")
+UNTIL = ("started", "finished")
+
+#: Celery settings of celery-unique (``CELERY_UNIQUE_...`` under Django's namespace).
+DEFAULTS: dict[str, Any] = {
+    "unique_redis_url": None,  # None: broker_url when it is Redis, else localhost
+    "unique_redis_options": None,
+    "unique_key_prefix": "celery_unique",
+    "unique_queueing_lock_timeout": 3600.0,
+    "unique_queueing_lock_until": "started",
+    "unique_on_duplicate": "raise",
+}
+
+
+class UniqueOptions(TypedDict, total=False):
+    """The options of celery-unique, per task (decorator) or per call."""
+
+    queueing_lock: LockSpec
+    unique_on: Sequence[str] | None
+    on_duplicate: str
+    queueing_lock_timeout: float
+    queueing_lock_until: str
+
+
+#: Options taken out of ``apply_async``'s keyword arguments.
+CALL_OPTIONS = frozenset(UniqueOptions.__annotations__)
+
+
+def setting(app: Celery, name: str) -> Any:
+    value = app.conf.get(name)
+    return DEFAULTS[name] if value is None else value
+
+
+def redis_url(app: Celery) -> str:
+    url = app.conf.get("unique_redis_url")
+    if url:
+        return str(url)
+    broker = app.conf.broker_url
+    if isinstance(broker, str) and broker.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        return broker
+    return "redis://localhost:6379/0"
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password masked, for error messages and logs."""
+    parts = urlsplit(url)
+    if parts.password:
+        host = parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def check_timeout(value: Any, *, option: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise ConfigurationError(
+            f"{where}: {option} must be a positive number of seconds, got {value!r}",
+            option=option, value=value, where=where,
+        )
+    return float(value)
+
+
+def check_choice(value: Any, choices: Sequence[str], *, option: str, where: str) -> str:
+    if value not in choices:
+        raise ConfigurationError(
+            f"{where}: {option} must be one of {', '.join(map(repr, choices))}, got {value!r}",
+            option=option, value=value, where=where,
+        )
+    return str(value)
+
+
+def check_settings(app: Celery) -> None:
+    """Check the app-wide settings, so that a typo fails when tasks are created."""
+    where = "Celery settings"
+    check_timeout(setting(app, "unique_queueing_lock_timeout"),
+                  option="unique_queueing_lock_timeout", where=where)
+    check_choice(setting(app, "unique_on_duplicate"), ON_DUPLICATE,
+                 option="unique_on_duplicate", where=where)
+    check_choice(setting(app, "unique_queueing_lock_until"), UNTIL,
+                 option="unique_queueing_lock_until", where=where)
+    options = setting(app, "unique_redis_options")
+    if options is not None and not isinstance(options, dict):
+        raise ConfigurationError(
+            f"{where}: unique_redis_options must be a dict, got {options!r}",
+            option="unique_redis_options", value=options, where=where,
+        )
+
+
+def wait_seconds(countdown: Any, eta: Any) -> float:
+    """How long a message waits before it may run (``countdown`` or ``eta``)."""
+    if countdown:
+        return max(0.0, float(countdown))
+    if eta:
+        if isinstance(eta, str):
+            eta = datetime.datetime.fromisoformat(eta)
+        if isinstance(eta, datetime.datetime):
+            now = datetime.datetime.now(eta.tzinfo) if eta.tzinfo else datetime.datetime.now()
+            return max(0.0, (eta - now).total_seconds())
+    return 0.0

@@ -1,0 +1,293 @@
+"""``UniqueTask``: the Celery task base class that takes and releases the locks."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from celery import Celery, Task, signals
+from celery.canvas import Signature
+from celery.result import AsyncResult
+from celery.states import REJECTED, RETRY
+from celery.utils import uuid
+
+from . import signals as unique_signals
+from .exceptions import AlreadyQueued
+from .keys import Binder, CompiledSpec, LockSpec, build_key, check_unique_on, compile_spec
+from .keys import task_signature
+from .scripts import get_store, release_quietly
+from .settings import (
+    CALL_OPTIONS,
+    ON_DUPLICATE,
+    UNTIL,
+    check_choice,
+    check_settings,
+    check_timeout,
+    setting,
+    wait_seconds,
+)
+
+__all__ = ["HEADER", "UniqueTask"]
+
+logger = logging.getLogger(__name__)
+
+#: The message header carrying a job's locks to the worker: ``{"q": key, "until": mode,
+#: "t": lease in ms}``. The worker never rebuilds a key it can read here.
+HEADER = "celery_unique"
+
+# Set in a beat process (``beat_init``): its duplicates are logged and skipped instead of
+# surfacing as scheduling errors. Newer Celery also marks beat's messages with a header.
+_in_beat = False
+
+
+class UniqueTask(Task):  # type: ignore[misc]
+    """A task that is not queued twice (``queueing_lock``).
+
+    Options, per task (decorator, class attribute, ``task_annotations``) or per call
+    (``apply_async``, ``configure``, ``Signature.set``); see :class:`UniqueOptions`.
+    """
+
+    #: A template (``"report_{email}"`` or ``"report_<email>"``), a callable called with the
+    #: task's arguments, ``True`` (all bound arguments) or ``None`` (off).
+    queueing_lock: LockSpec = None
+    #: Limits ``queueing_lock=True`` to these parameter names (``[]``: one lock per task).
+    unique_on: Sequence[str] | None = None
+    #: ``"raise"`` (:class:`AlreadyQueued`) or ``"existing"`` (the queued job's result).
+    on_duplicate: str | None = None
+    #: The queueing lock's lease in seconds; a countdown or eta is added to it.
+    queueing_lock_timeout: float | None = None
+    #: ``"started"`` (released when a worker starts the job) or ``"finished"``.
+    queueing_lock_until: str | None = None
+
+    Request = "celery_unique.request:UniqueRequest"
+
+    _unique_binder: ClassVar[Binder | None] = None
+    _unique_queueing: ClassVar[CompiledSpec | None] = None
+
+    # -- set-up: options are checked when Celery creates the task ------------------------
+
+    @classmethod
+    def on_bound(cls, app: Celery) -> None:
+        super().on_bound(app)
+        if cls.run is Task.run:  # the abstract base itself, or a base class without run
+            return
+        check_settings(app)
+        raw = inspect.getattr_static(cls, "run")
+        drop_first = not isinstance(raw, staticmethod)
+        run = raw.__func__ if isinstance(raw, staticmethod) else raw
+        binder = Binder(task_signature(run, drop_first=drop_first), cls.name)
+        cls._unique_binder = binder
+        cls._unique_queueing = cls._unique_compile(
+            {"queueing_lock": cls.queueing_lock, "unique_on": cls.unique_on}
+        )
+        cls._unique_check_values(
+            {
+                "on_duplicate": cls.on_duplicate,
+                "queueing_lock_timeout": cls.queueing_lock_timeout,
+                "queueing_lock_until": cls.queueing_lock_until,
+            },
+            where=cls.name,
+        )
+
+    @classmethod
+    def _unique_compile(cls, options: Mapping[str, Any]) -> CompiledSpec | None:
+        binder = cls._unique_binder
+        assert binder is not None
+        unique_on = check_unique_on(options.get("unique_on"), task_name=cls.name, binder=binder)
+        return compile_spec(options.get("queueing_lock"), option="queueing_lock",
+                            task_name=cls.name, binder=binder, unique_on=unique_on)
+
+    @staticmethod
+    def _unique_check_values(options: Mapping[str, Any], *, where: str) -> None:
+        for option in ("queueing_lock_timeout",):
+            if options.get(option) is not None:
+                check_timeout(options[option], option=option, where=where)
+        if options.get("on_duplicate") is not None:
+            check_choice(options["on_duplicate"], ON_DUPLICATE, option="on_duplicate",
+                         where=where)
+        if options.get("queueing_lock_until") is not None:
+            check_choice(options["queueing_lock_until"], UNTIL, option="queueing_lock_until",
+                         where=where)
+
+    def _unique_option(self, name: str, per_call: Mapping[str, Any]) -> Any:
+        value = per_call.get(name)
+        if value is None:
+            value = getattr(self, name)
+        return setting(self.app, f"unique_{name}") if value is None else value
+
+    # -- caller side ----------------------------------------------------------------------
+
+    def configure(self, **options: Any) -> Signature:
+        """A signature of this task with options set: ``task.configure(queueing_lock=...)``.
+
+        procrastinate's spelling; ``.delay()``/``.apply_async()`` on it take the lock.
+        """
+        self._unique_check_call(options)
+        return self.signature(options=options)
+
+    def _unique_check_call(self, per_call: Mapping[str, Any]) -> CompiledSpec | None:
+        """Check per-call options; return the queueing spec to use."""
+        if self._unique_binder is None:  # bound lazily: make sure on_bound ran
+            type(self).on_bound(self._get_app())
+        self._unique_check_values(per_call, where=f"{self.name} (per call)")
+        if "queueing_lock" not in per_call and "unique_on" not in per_call:
+            return self._unique_queueing
+        return self._unique_compile({
+            "queueing_lock": per_call.get("queueing_lock", self.queueing_lock),
+            "unique_on": per_call.get("unique_on", self.unique_on),
+        })
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """Take the queueing lock, then publish; see :class:`UniqueTask` for the options."""
+        per_call = {name: options.pop(name) for name in CALL_OPTIONS & options.keys()}
+        headers = options.get("headers") or {}
+        request = self.request
+        if (
+            task_id is not None
+            and task_id == request.id
+            and not request.called_directly
+            and options.get("retries")
+            and isinstance(headers.get(HEADER), dict)
+        ):
+            # A retry re-publishes the running job under its own id: it re-enters the
+            # queue, so it takes its lock again. It is published whatever the answer: a
+            # retry is never dropped because another job took the lock meanwhile.
+            info = headers[HEADER]
+            ttl_ms = int(info["t"] + 1000 * wait_seconds(options.get("countdown"),
+                                                         options.get("eta")))
+            get_store(self.app).acquire_queueing_lock(info["q"], task_id, ttl_ms)
+            return super().apply_async(args, kwargs, task_id=task_id, producer=producer,
+                                       link=link, link_error=link_error, shadow=shadow,
+                                       **options)
+
+        spec = self._unique_check_call(per_call)
+        if spec is None:
+            return super().apply_async(args, kwargs, task_id=task_id, producer=producer,
+                                       link=link, link_error=link_error, shadow=shadow,
+                                       **options)
+        args, kwargs = tuple(args or ()), dict(kwargs or {})
+        timeout = check_timeout(self._unique_option("queueing_lock_timeout", per_call),
+                                option="queueing_lock_timeout", where=self.name)
+        until = self._unique_option("queueing_lock_until", per_call)
+        on_duplicate = self._unique_option("on_duplicate", per_call)
+        key = build_key(setting(self.app, "unique_key_prefix"), "q", self.name,
+                        spec.render(args, kwargs))
+        lease_ms = int(timeout * 1000)
+        ttl_ms = lease_ms + int(1000 * wait_seconds(options.get("countdown"),
+                                                    options.get("eta")))
+        task_id = task_id or uuid()
+        store = get_store(self.app)
+        taken, holder, pttl = store.acquire_queueing_lock(key, task_id, ttl_ms)
+        if not taken:
+            return self._unique_duplicate(key, holder, pttl, on_duplicate, args, kwargs,
+                                          options, headers)
+        options["headers"] = {**headers, HEADER: {"q": key, "until": until, "t": lease_ms}}
+        try:
+            return super().apply_async(args, kwargs, task_id=task_id, producer=producer,
+                                       link=link, link_error=link_error, shadow=shadow,
+                                       **options)
+        except BaseException:
+            # The message was not published (or, in eager mode, the job raised): the lock
+            # would otherwise block this key until its lease runs out.
+            release_quietly(store, key, task_id, "publish failed")
+            raise
+
+    def _unique_duplicate(
+        self,
+        key: str,
+        holder: str,
+        pttl: int,
+        on_duplicate: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: Mapping[str, Any],
+        headers: Mapping[str, Any],
+    ) -> AsyncResult:
+        ttl = max(pttl, 0) / 1000
+        # A chain or callback step sent by a worker (Celery passes parent_id), or a beat
+        # entry: nobody can catch the error there, so the step is skipped and logged,
+        # and the parent job keeps its own outcome.
+        from_canvas = bool(options.get("parent_id")) and self.app.current_worker_task is not None
+        from_beat = _in_beat or bool(headers.get("celery_beat_task"))
+        action = "existing" if on_duplicate == "existing" else "raised"
+        if action == "raised" and (from_canvas or from_beat):
+            action = "skipped"
+        unique_signals.duplicate_rejected.send(
+            sender=self, key=key, task_id=holder, ttl=ttl, args=args, kwargs=kwargs,
+            action=action,
+        )
+        if action == "raised":
+            raise AlreadyQueued(
+                f"{self.name}: a job is already queued under {key} (task id {holder},"
+                f" lock expires in {ttl:.1f}s)",
+                key=key, task_id=holder, ttl=ttl, task_name=self.name,
+            )
+        log = logger.info if action == "existing" else logger.warning
+        log("celery-unique: %s not queued: %s is already queued under %s (%s)",
+            self.name, holder, key, "from beat" if from_beat else
+            "from a worker" if from_canvas else "on_duplicate=existing")
+        return self.AsyncResult(holder)
+
+    # -- worker side ------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if request.called_directly or request.id is None or getattr(
+            request, "_unique_started", False
+        ):
+            # Called as a plain function (or recursively): no lock of ours is involved.
+            return super().__call__(*args, **kwargs)
+        request._unique_started = True
+        info = _header(request)
+        if info is not None and info.get("until") == "started":
+            request._unique_released = True
+            release_quietly(get_store(self.app), info["q"], request.id, "job started")
+        # The tracer has already pushed this task and its request; Task.__call__ would
+        # push a fresh request without the job's id.
+        return self.run(*args, **kwargs)
+
+    def _unique_finish(self, state: str, retval: Any) -> None:
+        """Release what the job holds at its end; called for every state (task_postrun)."""
+        request = self.request
+        info = _header(request)
+        if info is None or getattr(request, "_unique_released", False):
+            return
+        if state == RETRY and not request.is_eager:
+            return  # the retry's message holds the lock now
+        if state == REJECTED and getattr(retval, "requeue", False):
+            return  # the message goes back to the queue and will run again
+        request._unique_released = True
+        release_quietly(get_store(self.app), info["q"], request.id, f"job ended: {state}")
+
+
+def _header(request: Any) -> dict[str, Any] | None:
+    headers = getattr(request, "headers", None) or {}
+    info = headers.get(HEADER) or getattr(request, HEADER, None)
+    return info if isinstance(info, dict) and info.get("q") else None
+
+
+@signals.task_postrun.connect(weak=False)
+def _on_task_postrun(sender: Any = None, state: str = "", retval: Any = None,
+                     **_: Any) -> None:
+    # after_return is skipped for RETRY, IGNORED and REJECTED (Reject, Ignore, replace);
+    # task_postrun is sent for every end of a traced job, eager mode included.
+    if isinstance(sender, UniqueTask):
+        sender._unique_finish(state, retval)
+
+
+@signals.beat_init.connect(weak=False)
+def _on_beat_init(**_: Any) -> None:
+    global _in_beat
+    _in_beat = True

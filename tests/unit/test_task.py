@@ -1,0 +1,296 @@
+"""UniqueTask's caller side against fakeredis and Celery's in-memory broker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+from celery import Celery, signals
+from celery.exceptions import Ignore, Reject
+
+from celery_unique import AlreadyQueued, ConfigurationError, KeyBuildError, UniqueTask
+from celery_unique import signals as unique_signals
+
+
+@pytest.fixture
+def published() -> Iterator[list[str]]:
+    """Ids of the messages Celery published during the test."""
+    ids: list[str] = []
+
+    def record(headers: Any = None, **_: Any) -> None:
+        ids.append(headers["id"])
+
+    signals.after_task_publish.connect(record, weak=False)
+    yield ids
+    signals.after_task_publish.disconnect(record)
+
+
+def keys(client: fakeredis.FakeRedis) -> list[str]:
+    return sorted(k.decode() for k in client.keys("*"))
+
+
+def test_duplicate_raises_with_context(app: Celery, fake_redis: Any, published: list[str]) -> None:
+    @app.task(base=UniqueTask, queueing_lock="report_<email>", shared=False)
+    def send_pdf_report(email: str) -> None: ...
+
+    first = send_pdf_report.delay("alice@example.com")
+    with pytest.raises(AlreadyQueued) as info:
+        send_pdf_report.delay("alice@example.com")
+    bob = send_pdf_report.delay("bob@example.com")
+    assert published == [first.id, bob.id]
+    assert info.value.key == "celery_unique:q:{test_task.send_pdf_report:report_alice@example.com}"
+    assert info.value.task_id == first.id
+    assert 3599 < info.value.ttl <= 3600
+    assert fake_redis.get(info.value.key) == first.id.encode()
+
+
+def test_on_duplicate_existing_returns_queued_job(app: Celery, published: list[str]) -> None:
+    @app.task(base=UniqueTask, queueing_lock=True, on_duplicate="existing", shared=False)
+    def t(a: int) -> None: ...
+
+    first = t.delay(1)
+    assert t.delay(1).id == first.id
+    with pytest.raises(AlreadyQueued):
+        t.apply_async((1,), on_duplicate="raise")
+    assert published == [first.id]
+
+
+def test_signal_sent_for_each_duplicate(app: Celery) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def record(sender: Any = None, **kw: Any) -> None:
+        seen.append(kw)
+
+    unique_signals.duplicate_rejected.connect(record, weak=False)
+    try:
+        @app.task(base=UniqueTask, queueing_lock="k", shared=False)
+        def t() -> None: ...
+
+        first = t.delay()
+        with pytest.raises(AlreadyQueued):
+            t.delay()
+        t.apply_async(on_duplicate="existing")
+    finally:
+        unique_signals.duplicate_rejected.disconnect(record)
+    assert [s["action"] for s in seen] == ["raised", "existing"]
+    assert seen[0]["task_id"] == first.id and seen[0]["key"].endswith("{test_task.t:k}")
+
+
+def test_configure_signature_and_per_call(app: Celery, published: list[str]) -> None:
+    @app.task(base=UniqueTask, shared=False)
+    def t(a: int) -> None: ...
+
+    t.configure(queueing_lock="maintenance").delay(a=1)
+    with pytest.raises(AlreadyQueued):
+        t.configure(queueing_lock="maintenance").delay(a=2)
+    with pytest.raises(AlreadyQueued):
+        t.s(3).set(queueing_lock="maintenance").delay()
+    t.apply_async((4,), queueing_lock="other_{a}")
+    # no lock configured on the task: plain Celery
+    t.delay(5)
+    t.delay(5)
+    assert len(published) == 4
+
+
+def test_per_call_none_switches_the_lock_off(app: Celery, published: list[str]) -> None:
+    @app.task(base=UniqueTask, queueing_lock="k", shared=False)
+    def t() -> None: ...
+
+    t.delay()
+    t.apply_async(queueing_lock=None)
+    t.configure(queueing_lock=None).delay()
+    assert len(published) == 3
+
+
+def test_unique_on(app: Celery) -> None:
+    @app.task(base=UniqueTask, queueing_lock=True, unique_on=["user_id"], shared=False)
+    def charge(user_id: int, amount: int) -> None: ...
+
+    charge.delay(1, 10)
+    with pytest.raises(AlreadyQueued):
+        charge.delay(1, 20)
+    charge.delay(2, 10)
+
+
+def test_registration_time_errors(app: Celery) -> None:
+    app.finalize()
+    with pytest.raises(ConfigurationError, match=r"test_task.t.*\{mail\}.*parameters: email"):
+        @app.task(base=UniqueTask, queueing_lock="report_<mail>", shared=False)
+        def t(email: str) -> None: ...
+    with pytest.raises(ConfigurationError, match="on_duplicate must be one of"):
+        @app.task(base=UniqueTask, queueing_lock="k", on_duplicate="ignore", shared=False)
+        def t2() -> None: ...
+    with pytest.raises(ConfigurationError, match="positive number of seconds"):
+        @app.task(base=UniqueTask, queueing_lock="k", queueing_lock_timeout=0, shared=False)
+        def t3() -> None: ...
+    with pytest.raises(ConfigurationError, match="unique_on names"):
+        @app.task(base=UniqueTask, queueing_lock=True, unique_on=["nope"], shared=False)
+        def t4(a: int) -> None: ...
+
+
+def test_lazy_tasks_fail_at_finalize(app: Celery) -> None:
+    @app.task(base=UniqueTask, queueing_lock="report_{mail}", shared=False)
+    def t(email: str) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="mail"):
+        app.finalize()
+
+
+def test_task_annotations_and_settings(app: Celery, fake_redis: Any) -> None:
+    app.conf.task_annotations = {"tests.annotated": {"queueing_lock": "ann_{a}"}}
+    app.conf.unique_key_prefix = "myapp"
+    app.conf.unique_queueing_lock_timeout = 10
+
+    @app.task(base=UniqueTask, name="tests.annotated", shared=False)
+    def annotated(a: int) -> None: ...
+
+    annotated.delay(1)
+    assert keys(fake_redis) == ["myapp:q:{tests.annotated:ann_1}"]
+    assert 9000 < fake_redis.pttl("myapp:q:{tests.annotated:ann_1}") <= 10000
+
+
+def test_precedence_call_over_task_over_setting(app: Celery, fake_redis: Any) -> None:
+    app.conf.unique_queueing_lock_timeout = 10
+
+    @app.task(base=UniqueTask, queueing_lock="a", queueing_lock_timeout=20, shared=False)
+    def t() -> None: ...
+
+    @app.task(base=UniqueTask, queueing_lock="b", shared=False)
+    def u() -> None: ...
+
+    t.delay()
+    t.apply_async(queueing_lock="c", queueing_lock_timeout=30)
+    u.delay()
+    ttl = {k: fake_redis.pttl(k) for k in keys(fake_redis)}
+    assert 19000 < ttl["celery_unique:q:{test_task.t:a}"] <= 20000
+    assert 29000 < ttl["celery_unique:q:{test_task.t:c}"] <= 30000
+    assert 9000 < ttl["celery_unique:q:{test_task.u:b}"] <= 10000
+
+
+def test_app_setting_typo_fails_at_creation(app: Celery) -> None:
+    app.conf.unique_on_duplicate = "skip"
+    @app.task(base=UniqueTask, queueing_lock="k", shared=False)
+    def t() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="unique_on_duplicate"):
+        app.finalize()
+
+
+def test_countdown_extends_the_ttl(app: Celery, fake_redis: Any) -> None:
+    @app.task(base=UniqueTask, queueing_lock="k", queueing_lock_timeout=10, shared=False)
+    def t() -> None: ...
+
+    t.apply_async(countdown=100)
+    assert 109000 < fake_redis.pttl("celery_unique:q:{test_task.t:k}") <= 110000
+
+
+@pytest.mark.parametrize("options, error", [
+    ({"on_duplicate": "ignore"}, ConfigurationError),
+    ({"queueing_lock_timeout": -1}, ConfigurationError),
+    ({"queueing_lock_until": "never"}, ConfigurationError),
+    ({"queueing_lock": "{nope}"}, ConfigurationError),
+    ({"queueing_lock": lambda a: 1 / 0}, KeyBuildError),
+    ({"queueing_lock": lambda a: 3}, KeyBuildError),
+    ({"queueing_lock": 42}, ConfigurationError),
+    ({"unique_on": "a"}, ConfigurationError),
+])
+def test_bad_per_call_input_leaves_nothing(
+    app: Celery, fake_redis: Any, published: list[str], options: dict[str, Any],
+    error: type[Exception],
+) -> None:
+    @app.task(base=UniqueTask, queueing_lock=True, shared=False)
+    def t(a: int) -> None: ...
+
+    with pytest.raises(error):
+        t.apply_async((1,), **options)
+    assert keys(fake_redis) == [] and published == []
+
+
+def test_unformattable_argument_leaves_nothing(
+    app: Celery, fake_redis: Any, published: list[str]
+) -> None:
+    @app.task(base=UniqueTask, queueing_lock=True, shared=False, serializer="pickle")
+    def t(a: Any) -> None: ...
+
+    app.conf.accept_content = ["pickle", "json"]
+    with pytest.raises(KeyBuildError, match="argument 'a'"):
+        t.delay(object())
+    assert keys(fake_redis) == [] and published == []
+
+
+def test_failed_publish_releases_the_lock(app: Celery, fake_redis: Any) -> None:
+    app.conf.broker_url = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    app.conf.broker_connection_timeout = 0.2
+    app.conf.broker_transport_options = {"max_retries": 0}
+
+    @app.task(base=UniqueTask, queueing_lock="k", shared=False)
+    def t() -> None: ...
+
+    with pytest.raises(Exception) as info:
+        t.delay()
+    assert not isinstance(info.value, AlreadyQueued)
+    assert keys(fake_redis) == []
+
+
+class TestEager:
+    """Eager mode runs the real tracer in the caller: every end releases the lock."""
+
+    @pytest.fixture(autouse=True)
+    def eager(self, app: Celery) -> None:
+        app.conf.task_always_eager = True
+
+    @pytest.mark.parametrize("until", ["started", "finished"])
+    @pytest.mark.parametrize("outcome", ["ok", "fail", "reject", "ignore", "retry"])
+    def test_every_end_releases(
+        self, app: Celery, fake_redis: Any, until: str, outcome: str
+    ) -> None:
+        held: list[list[str]] = []
+
+        @app.task(base=UniqueTask, bind=True, queueing_lock="k", queueing_lock_until=until,
+                  shared=False)
+        def t(self: Any, outcome: str) -> str:
+            held.append(keys(fake_redis))
+            if outcome == "fail":
+                raise RuntimeError("boom")
+            if outcome == "reject":
+                raise Reject("no", requeue=False)
+            if outcome == "ignore":
+                raise Ignore()
+            if outcome == "retry":
+                raise self.retry(countdown=1, max_retries=3)
+            return "done"
+
+        t.delay(outcome)
+        # an eager retry runs again at once, in the caller: each run held what it should
+        assert held[0] == ([] if until == "started" else ["celery_unique:q:{test_task.t:k}"])
+        assert len(held) == (4 if outcome == "retry" else 1)
+        assert keys(fake_redis) == []
+
+    def test_propagating_failure_releases(self, app: Celery, fake_redis: Any) -> None:
+        app.conf.task_eager_propagates = True
+
+        @app.task(base=UniqueTask, queueing_lock="k", queueing_lock_until="finished",
+                  shared=False)
+        def t() -> None:
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError):
+            t.delay()
+        assert keys(fake_redis) == []
+
+    def test_apply_and_direct_call_never_release_a_lock_they_did_not_take(
+        self, app: Celery, fake_redis: Any
+    ) -> None:
+        app.conf.task_always_eager = False
+
+        @app.task(base=UniqueTask, queueing_lock="k", queueing_lock_until="finished",
+                  shared=False)
+        def t() -> str:
+            return "ran"
+
+        queued = t.delay()
+        assert t.apply().get() == "ran"
+        assert t() == "ran"
+        assert fake_redis.get("celery_unique:q:{test_task.t:k}") == queued.id.encode()
