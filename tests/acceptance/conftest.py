@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from celery_unique.testing import RedisServer, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Worker:
+    def __init__(self, server: RedisServer, concurrency: int = 2) -> None:
+        self.server = server
+        self.log = Path(tempfile.mkstemp(prefix="celery-unique-worker-", suffix=".log")[1])
+        env = {**os.environ, "CELERY_UNIQUE_TEST_REDIS": server.url,
+               "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tests.acceptance.tasks", "worker",
+             "-P", "prefork", "-c", str(concurrency), "-l", "INFO", "--without-gossip",
+             "--without-mingle", "--without-heartbeat", "-n", f"accept-{os.getpid()}@%h",
+             f"--logfile={self.log}"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the worker exited:\n{self.logs()}")
+            return "ready." in self.logs()
+
+        wait_for(ready, timeout=60, what="the celery worker to be ready")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def worker(unique_redis_server: RedisServer) -> Iterator[Worker]:
+    os.environ["CELERY_UNIQUE_TEST_REDIS"] = unique_redis_server.url
+    w = Worker(unique_redis_server)
+    try:
+        w.wait_ready()
+        yield w
+    finally:
+        w.stop()
+
+
+@pytest.fixture
+def tasks(worker: Worker) -> Any:
+    from tests.acceptance import tasks
+
+    return tasks
+
+
+@pytest.fixture
+def store(unique_redis_server: RedisServer) -> redis.Redis:
+    return redis.Redis.from_url(f"{unique_redis_server.url}/1")
+
+
+@pytest.fixture
+def coord(unique_redis_server: RedisServer) -> redis.Redis:
+    return redis.Redis.from_url(f"{unique_redis_server.url}/4")

@@ -1,0 +1,104 @@
+"""The Celery app run by the acceptance tests' worker subprocess.
+
+Jobs coordinate with the tests through keys in Redis (db 4): ``started:<token>`` is set
+when a job runs, ``go:<token>`` lets a holding job finish.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.exceptions import Ignore, Reject
+
+from celery_unique import UniqueTask
+
+SERVER = os.environ.get("CELERY_UNIQUE_TEST_REDIS", "redis://127.0.0.1:6379")
+app = Celery("acceptance", broker=f"{SERVER}/2", backend=f"{SERVER}/3")
+app.conf.update(
+    unique_redis_url=f"{SERVER}/1",
+    task_publish_retry=False,
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    result_expires=600,
+)
+coord = redis.Redis.from_url(f"{SERVER}/4")
+
+
+def wait_go(token: str, limit: float = 30.0) -> None:
+    deadline = time.monotonic() + limit
+    while not coord.get(f"go:{token}"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no go for {token}")
+        time.sleep(0.02)
+
+
+@app.task(base=UniqueTask, queueing_lock="hold_{token}", name="acceptance.hold")
+def hold(token: str) -> str:
+    coord.set(f"started:{token}", os.getpid())
+    wait_go(token)
+    return token
+
+
+@app.task(base=UniqueTask, queueing_lock="job_{token}", queueing_lock_until="finished",
+          name="acceptance.finished_job", bind=True)
+def finished_job(self: Any, token: str, outcome: str = "ok") -> str:
+    coord.set(f"started:{token}", os.getpid())
+    if outcome == "fail":
+        raise RuntimeError("boom")
+    if outcome == "reject":
+        raise Reject("rejected", requeue=False)
+    if outcome == "ignore":
+        raise Ignore()
+    if outcome == "replace":
+        raise self.replace(noop.si(token))
+    if outcome == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if outcome == "sleep":
+        wait_go(token, limit=60)
+    return token
+
+
+@app.task(base=UniqueTask, queueing_lock="slow_{token}", queueing_lock_until="finished",
+          name="acceptance.slow", time_limit=1)
+def slow(token: str) -> None:
+    coord.set(f"started:{token}", os.getpid())
+    wait_go(token, limit=60)
+
+
+@app.task(base=UniqueTask, queueing_lock="retry_{token}", name="acceptance.retry_once",
+          bind=True)
+def retry_once(self: Any, token: str, countdown: float = 2.0) -> int:
+    coord.rpush(f"runs:{token}", self.request.retries)
+    if self.request.retries == 0:
+        raise self.retry(countdown=countdown)
+    return int(self.request.retries)
+
+
+@app.task(base=UniqueTask, queueing_lock="retry_{token}", queueing_lock_until="finished",
+          name="acceptance.retry_forever", bind=True, max_retries=1)
+def retry_forever(self: Any, token: str) -> None:
+    coord.rpush(f"runs:{token}", self.request.retries)
+    raise self.retry(countdown=0.2)
+
+
+@app.task(base=UniqueTask, queueing_lock="auto_{token}", queueing_lock_until="finished",
+          name="acceptance.autoretry", autoretry_for=(RuntimeError,),
+          retry_kwargs={"max_retries": 1, "countdown": 1.0}, bind=True)
+def autoretry(self: Any, token: str) -> None:
+    coord.rpush(f"runs:{token}", self.request.retries)
+    raise RuntimeError("always")
+
+
+@app.task(name="acceptance.noop")
+def noop(token: str) -> str:
+    return token
+
+
+@app.task(base=UniqueTask, queueing_lock="step", name="acceptance.step")
+def step(value: Any) -> Any:
+    return value

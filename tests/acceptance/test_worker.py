@@ -1,0 +1,159 @@
+"""The queueing lock with a real ``celery worker`` (prefork, 2 processes) on a real Redis."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import redis
+from celery import chain
+
+from celery_unique import AlreadyQueued
+from celery_unique.testing import wait_for
+
+pytestmark = pytest.mark.acceptance
+
+
+def token() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def key(task: str, value: str) -> str:
+    return f"celery_unique:q:{{acceptance.{task}:{value}}}"
+
+
+def gone(store: redis.Redis, k: str) -> Any:
+    return lambda: not store.exists(k)
+
+
+def test_started_mode_releases_when_the_job_starts(tasks: Any, store: Any, coord: Any) -> None:
+    t = token()
+    k = key("hold", f"hold_{t}")
+    first = tasks.hold.delay(t)
+    with pytest.raises(AlreadyQueued) as info:
+        tasks.hold.delay(t)
+    assert info.value.task_id == first.id and info.value.key == k
+    wait_for(lambda: coord.get(f"started:{t}"), what="the job to start")
+    wait_for(gone(store, k), timeout=5, what="the lock to be released on start")
+    second = tasks.hold.delay(t)  # one waiting job is allowed again while the first runs
+    coord.set(f"go:{t}", 1)
+    assert first.get(timeout=20) == t and second.get(timeout=20) == t
+    assert not store.exists(k)
+
+
+def test_finished_mode_holds_until_success(tasks: Any, store: Any, coord: Any) -> None:
+    t = token()
+    k = key("finished_job", f"job_{t}")
+    result = tasks.finished_job.delay(t, "sleep")
+    wait_for(lambda: coord.get(f"started:{t}"), what="the job to start")
+    assert store.get(k) == result.id.encode()
+    with pytest.raises(AlreadyQueued):
+        tasks.finished_job.delay(t, "sleep")
+    coord.set(f"go:{t}", 1)
+    assert result.get(timeout=20) == t
+    wait_for(gone(store, k), timeout=5, what="the lock to be released")
+
+
+@pytest.mark.parametrize("outcome", ["fail", "reject", "ignore", "replace", "kill"])
+def test_every_end_releases(tasks: Any, store: Any, coord: Any, outcome: str) -> None:
+    t = token()
+    k = key("finished_job", f"job_{t}")
+    tasks.finished_job.delay(t, outcome)
+    wait_for(lambda: coord.get(f"started:{t}"), timeout=20, what="the job to start")
+    wait_for(gone(store, k), timeout=20, what=f"the lock to be released after {outcome}")
+    tasks.finished_job.delay(t, "ok").get(timeout=20)
+
+
+def test_hard_time_limit_releases(tasks: Any, store: Any, coord: Any) -> None:
+    t = token()
+    tasks.slow.delay(t)
+    wait_for(lambda: coord.get(f"started:{t}"), timeout=20, what="the job to start")
+    wait_for(gone(store, key("slow", f"slow_{t}")), timeout=20,
+             what="the lock to be released after the hard time limit")
+
+
+@pytest.mark.parametrize("how", ["revoke", "expires"])
+def test_discarded_before_running_releases(tasks: Any, store: Any, how: str) -> None:
+    t = token()
+    k = key("finished_job", f"job_{t}")
+    if how == "revoke":
+        result = tasks.finished_job.apply_async((t,), countdown=1)
+        result.revoke()
+    else:
+        result = tasks.finished_job.apply_async((t,), countdown=1.5, expires=0.5)
+    assert store.exists(k)
+    wait_for(gone(store, k), timeout=20, what=f"the lock to be released ({how})")
+    assert result.state == "REVOKED"
+
+
+def test_retry_holds_the_lock_while_waiting(tasks: Any, store: Any, coord: Any) -> None:
+    t = token()
+    k = key("retry_once", f"retry_{t}")
+    result = tasks.retry_once.delay(t, 3.0)
+    wait_for(lambda: coord.llen(f"runs:{t}") == 1, timeout=20, what="the first run")
+    # the retry is queued again under the same id: it holds the lock during its countdown
+    wait_for(lambda: store.get(k) == result.id.encode(), timeout=5, what="the retry's lock")
+    with pytest.raises(AlreadyQueued) as info:
+        tasks.retry_once.delay(t)
+    assert info.value.task_id == result.id
+    assert result.get(timeout=20) == 1
+    assert not store.exists(k)
+
+
+def test_retry_is_published_even_if_another_job_took_the_lock(
+    tasks: Any, store: Any, coord: Any
+) -> None:
+    t = token()
+    k = key("retry_once", f"retry_{t}")
+    result = tasks.retry_once.delay(t, 2.0)
+    wait_for(lambda: coord.llen(f"runs:{t}") == 1, timeout=20, what="the first run")
+    store.set(k, "someone-else", px=60000)  # taken by another job meanwhile
+    assert result.get(timeout=20) == 1  # the retry still ran
+    assert store.get(k) == b"someone-else"  # and never deleted the other job's lock
+
+
+def test_retries_exhausted_release(tasks: Any, store: Any, coord: Any) -> None:
+    t = token()
+    result = tasks.retry_forever.delay(t)
+    with pytest.raises(Exception, match="Retry|retry"):
+        result.get(timeout=20)
+    assert coord.lrange(f"runs:{t}", 0, -1) == [b"0", b"1"]
+    wait_for(gone(store, key("retry_forever", f"retry_{t}")), timeout=5,
+             what="the lock to be released")
+
+
+def test_autoretry_keeps_then_releases(tasks: Any, store: Any, coord: Any) -> None:
+    t = token()
+    k = key("autoretry", f"auto_{t}")
+    result = tasks.autoretry.delay(t)
+    wait_for(lambda: coord.llen(f"runs:{t}") == 1, timeout=20, what="the first run")
+    with pytest.raises(AlreadyQueued):
+        tasks.autoretry.delay(t)
+    with pytest.raises(RuntimeError):
+        result.get(timeout=20)
+    assert coord.llen(f"runs:{t}") == 2
+    wait_for(gone(store, k), timeout=5, what="the lock to be released")
+
+
+def test_duplicate_chain_step_is_skipped_and_parent_succeeds(
+    tasks: Any, store: Any, worker: Any
+) -> None:
+    t = token()
+    store.set(key("step", "step"), "queued-step", px=60000)  # a step job is queued
+    result = chain(tasks.noop.si(t), tasks.step.si(t)).delay()
+    parent = result.parent
+    assert parent.get(timeout=20) == t
+    assert parent.state == "SUCCESS"
+    wait_for(lambda: "acceptance.step not queued" in worker.logs(), timeout=10,
+             what="the skipped step to be logged")
+    assert store.get(key("step", "step")) == b"queued-step"
+    store.delete(key("step", "step"))
+
+
+def test_send_task_never_deletes_a_lock_it_does_not_hold(tasks: Any, store: Any) -> None:
+    t = token()
+    k = key("finished_job", f"job_{t}")
+    store.set(k, "another-job", px=60000)
+    assert tasks.app.send_task("acceptance.finished_job", (t,)).get(timeout=20) == t
+    assert store.get(k) == b"another-job"

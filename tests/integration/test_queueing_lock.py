@@ -1,0 +1,144 @@
+"""The queueing lock against a real Redis server (the session's private one)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.beat import ScheduleEntry, Scheduler
+
+from celery_unique import AlreadyQueued, LockStoreUnavailable, UniqueTask
+from celery_unique.scripts import get_store
+
+
+def client(app: Celery) -> redis.Redis:
+    return redis.Redis.from_url(app.conf.unique_redis_url)
+
+
+def broker(app: Celery) -> redis.Redis:
+    return redis.Redis.from_url(app.conf.broker_url)
+
+
+def commandstats(r: redis.Redis) -> dict[str, int]:
+    return {k: v["calls"] for k, v in r.info("commandstats").items()}
+
+
+def test_enqueue_costs_one_redis_command(unique_redis_server: Any) -> None:
+    """Accepted or duplicate: one EVALSHA, counted by the server itself."""
+    app = Celery("tests", broker="memory://", set_as_current=False)
+    app.conf.unique_redis_url = f"{unique_redis_server.url}/1"
+
+    @app.task(base=UniqueTask, queueing_lock=True, shared=False)
+    def t(a: int) -> None: ...
+
+    t.delay(-1)  # warm up: connection set-up and the first SCRIPT LOAD
+    r = redis.Redis.from_url(unique_redis_server.url)
+    before = commandstats(r)
+    for i in range(20):
+        t.delay(i)
+    for i in range(20):
+        with pytest.raises(AlreadyQueued):
+            t.delay(i)
+    after = commandstats(r)
+    diff = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    diff.pop("cmdstat_info", None)
+    # commandstats also counts what a script calls; the only command sent by a client is
+    # EVALSHA, once per enqueue; GET/SET/PTTL are the script's own, inside that one call.
+    assert diff == {"cmdstat_evalsha": 40, "cmdstat_get": 40, "cmdstat_set": 20,
+                    "cmdstat_pttl": 20}
+
+
+def test_fifty_threads_one_message(redis_app: Celery) -> None:
+    @redis_app.task(base=UniqueTask, queueing_lock="same", shared=False)
+    def t() -> None: ...
+
+    t.delay  # noqa: B018 - bind the task before the threads race
+    barrier = threading.Barrier(50)
+    outcomes: list[str] = []
+
+    def enqueue() -> None:
+        barrier.wait()
+        try:
+            t.delay()
+            outcomes.append("queued")
+        except AlreadyQueued:
+            outcomes.append("duplicate")
+
+    threads = [threading.Thread(target=enqueue) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(outcomes) == ["duplicate"] * 49 + ["queued"]
+    assert broker(redis_app).llen("celery") == 1
+
+
+def test_release_is_owner_checked(redis_app: Celery) -> None:
+    store = get_store(redis_app)
+    assert store.acquire_queueing_lock("k", "old", 50)[0]
+    client(redis_app).delete("k")  # the old owner's lease ran out...
+    assert store.acquire_queueing_lock("k", "new", 60000)[0]  # ...and another took it
+    assert store.release("k", "old") is False
+    assert client(redis_app).get("k") == b"new"
+    assert store.acquire_queueing_lock("k", "other", 1000) == (
+        False, "new", pytest.approx(60000, abs=1000))
+    assert store.release("k", "new") is True
+
+
+def test_bad_input_leaves_no_lock_and_no_message(redis_app: Celery) -> None:
+    @redis_app.task(base=UniqueTask, queueing_lock=lambda a: a["x"], shared=False)
+    def t(a: Any) -> None: ...
+
+    with pytest.raises(Exception, match="raised KeyError"):
+        t.delay({})
+    with pytest.raises(Exception, match="on_duplicate"):
+        t.apply_async(({"x": "1"},), on_duplicate="nope")
+    assert client(redis_app).keys("*") == []
+    assert broker(redis_app).llen("celery") == 0
+
+
+def test_unreachable_lock_store_names_the_url(redis_app: Celery) -> None:
+    redis_app.conf.unique_redis_url = "redis://:secret@127.0.0.1:1/0"
+
+    @redis_app.task(base=UniqueTask, queueing_lock="k", shared=False)
+    def t() -> None: ...
+
+    with pytest.raises(LockStoreUnavailable, match=r"redis://:\*\*\*@127.0.0.1:1/0") as info:
+        t.delay()
+    assert "secret" not in str(info.value)
+    assert broker(redis_app).llen("celery") == 0
+
+
+def test_default_url_follows_a_redis_broker(unique_redis_server: Any) -> None:
+    app = Celery("tests", broker=f"{unique_redis_server.url}/3", set_as_current=False)
+    assert get_store(app).url == f"{unique_redis_server.url}/3"
+    amqp = Celery("tests", broker="amqp://guest@localhost//", set_as_current=False)
+    assert get_store(amqp).url == "redis://localhost:6379/0"
+
+
+def test_beat_duplicate_is_skipped_not_a_scheduling_error(
+    redis_app: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
+    @redis_app.task(base=UniqueTask, queueing_lock="cleanup", name="tests.cleanup", shared=False)
+    def cleanup() -> None: ...
+
+    scheduler = Scheduler(redis_app, lazy=True)
+    entry = ScheduleEntry(name="cleanup", task="tests.cleanup", schedule=60, app=redis_app)
+    first = scheduler.apply_async(entry, advance=False)
+    second = scheduler.apply_async(entry, advance=False)  # would raise SchedulingError
+    assert second.id == first.id
+    assert broker(redis_app).llen("celery") == 1
+    assert "already queued" in caplog.text and "from beat" in caplog.text
+
+
+def test_send_task_cannot_be_intercepted(redis_app: Celery) -> None:
+    """Documented: send_task by name bypasses the caller-side lock."""
+    @redis_app.task(base=UniqueTask, queueing_lock="k", name="tests.byname", shared=False)
+    def byname() -> None: ...
+
+    byname.delay()
+    redis_app.send_task("tests.byname")
+    assert broker(redis_app).llen("celery") == 2
