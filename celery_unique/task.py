@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -15,8 +17,15 @@ from celery.utils import uuid
 
 from . import signals as unique_signals
 from .exceptions import AlreadyQueued
-from .keys import Binder, CompiledSpec, LockSpec, build_key, check_unique_on, compile_spec
-from .keys import task_signature
+from .keys import (
+    Binder,
+    CompiledSpec,
+    LockSpec,
+    build_key,
+    check_unique_on,
+    compile_spec,
+    task_signature,
+)
 from .scripts import get_store, release_quietly
 from .settings import (
     CALL_OPTIONS,
@@ -37,9 +46,6 @@ logger = logging.getLogger(__name__)
 #: "t": lease in ms}``. The worker never rebuilds a key it can read here.
 HEADER = "celery_unique"
 
-# Set in a beat process (``beat_init``): its duplicates are logged and skipped instead of
-# surfacing as scheduling errors. Newer Celery also marks beat's messages with a header.
-_in_beat = False
 
 
 class UniqueTask(Task):  # type: ignore[misc]
@@ -220,7 +226,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         # entry: nobody can catch the error there, so the step is skipped and logged,
         # and the parent job keeps its own outcome.
         from_canvas = bool(options.get("parent_id")) and self.app.current_worker_task is not None
-        from_beat = _in_beat or bool(headers.get("celery_beat_task"))
+        from_beat = bool(headers.get("celery_beat_task")) or _called_from_beat()
         action = "existing" if on_duplicate == "existing" else "raised"
         if action == "raised" and (from_canvas or from_beat):
             action = "skipped"
@@ -278,7 +284,6 @@ def _header(request: Any) -> dict[str, Any] | None:
     return info if isinstance(info, dict) and info.get("q") else None
 
 
-@signals.task_postrun.connect(weak=False)
 def _on_task_postrun(sender: Any = None, state: str = "", retval: Any = None,
                      **_: Any) -> None:
     # after_return is skipped for RETRY, IGNORED and REJECTED (Reject, Ignore, replace);
@@ -287,7 +292,22 @@ def _on_task_postrun(sender: Any = None, state: str = "", retval: Any = None,
         sender._unique_finish(state, retval)
 
 
-@signals.beat_init.connect(weak=False)
-def _on_beat_init(**_: Any) -> None:
-    global _in_beat
-    _in_beat = True
+def _called_from_beat() -> bool:
+    """Whether beat's scheduler is sending this job (Celery < 5.5 sets no header for it).
+
+    Only looked at for a duplicate, so the enqueue path does not pay for it.
+    """
+    from celery.beat import Scheduler
+
+    code = Scheduler.apply_async.__code__
+    frame: types.FrameType | None = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+signals.task_postrun.connect(_on_task_postrun, weak=False)

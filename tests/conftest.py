@@ -27,13 +27,17 @@ def app(fake_redis: fakeredis.FakeRedis) -> Iterator[Celery]:
 @pytest.fixture
 def redis_app(unique_redis_server) -> Iterator[Celery]:  # type: ignore[no-untyped-def]
     """An app whose broker (db 2) and lock store (db 1) are the private Redis server."""
+    import uuid
+
     import redis
 
     url = unique_redis_server.url
-    for db in (1, 2):
-        redis.Redis.from_url(f"{url}/{db}").flushdb()
+    redis.Redis.from_url(f"{url}/1").flushdb()
     app = Celery("tests", broker=f"{url}/2", set_as_current=False)
     app.conf.unique_redis_url = f"{url}/1"
     app.conf.task_publish_retry = False
+    # A queue of its own per test, never a flushed broker database: kombu remembers the
+    # queues it declared per connection, and would publish to a binding flushed away.
+    app.conf.task_default_queue = f"test-{uuid.uuid4().hex}"
     yield app
     app.close()

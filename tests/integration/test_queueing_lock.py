@@ -22,6 +22,10 @@ def broker(app: Celery) -> redis.Redis:
     return redis.Redis.from_url(app.conf.broker_url)
 
 
+def QUEUE(app: Celery) -> str:
+    return str(app.conf.task_default_queue)
+
+
 def commandstats(r: redis.Redis) -> dict[str, int]:
     return {k: v["calls"] for k, v in r.info("commandstats").items()}
 
@@ -73,7 +77,7 @@ def test_fifty_threads_one_message(redis_app: Celery) -> None:
     for thread in threads:
         thread.join(30)
     assert sorted(outcomes) == ["duplicate"] * 49 + ["queued"]
-    assert broker(redis_app).llen("celery") == 1
+    assert broker(redis_app).llen(QUEUE(redis_app)) == 1
 
 
 def test_release_is_owner_checked(redis_app: Celery) -> None:
@@ -97,7 +101,7 @@ def test_bad_input_leaves_no_lock_and_no_message(redis_app: Celery) -> None:
     with pytest.raises(Exception, match="on_duplicate"):
         t.apply_async(({"x": "1"},), on_duplicate="nope")
     assert client(redis_app).keys("*") == []
-    assert broker(redis_app).llen("celery") == 0
+    assert broker(redis_app).llen(QUEUE(redis_app)) == 0
 
 
 def test_unreachable_lock_store_names_the_url(redis_app: Celery) -> None:
@@ -109,7 +113,7 @@ def test_unreachable_lock_store_names_the_url(redis_app: Celery) -> None:
     with pytest.raises(LockStoreUnavailable, match=r"redis://:\*\*\*@127.0.0.1:1/0") as info:
         t.delay()
     assert "secret" not in str(info.value)
-    assert broker(redis_app).llen("celery") == 0
+    assert broker(redis_app).llen(QUEUE(redis_app)) == 0
 
 
 def test_default_url_follows_a_redis_broker(unique_redis_server: Any) -> None:
@@ -130,7 +134,7 @@ def test_beat_duplicate_is_skipped_not_a_scheduling_error(
     first = scheduler.apply_async(entry, advance=False)
     second = scheduler.apply_async(entry, advance=False)  # would raise SchedulingError
     assert second.id == first.id
-    assert broker(redis_app).llen("celery") == 1
+    assert broker(redis_app).llen(QUEUE(redis_app)) == 1
     assert "already queued" in caplog.text and "from beat" in caplog.text
 
 
@@ -141,4 +145,4 @@ def test_send_task_cannot_be_intercepted(redis_app: Celery) -> None:
 
     byname.delay()
     redis_app.send_task("tests.byname")
-    assert broker(redis_app).llen("celery") == 2
+    assert broker(redis_app).llen(QUEUE(redis_app)) == 2

@@ -75,7 +75,8 @@ def test_template_with_var_keyword() -> None:
 
 
 @pytest.mark.parametrize("template, message", [
-    ("report_{mail}", r"names \{mail\}, which is not a parameter of the task \(parameters: a, b, c\)"),
+    ("report_{mail}",
+     r"names \{mail\}, which is not a parameter of the task \(parameters: a, b, c\)"),
     ("report_<mail>", r"\{mail\}"),
     ("report_{}", "positional placeholder"),
     ("report_{0}", "positional placeholder"),

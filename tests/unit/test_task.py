@@ -27,6 +27,10 @@ def published() -> Iterator[list[str]]:
     signals.after_task_publish.disconnect(record)
 
 
+def qkey(task: Any, value: str) -> str:
+    return f"celery_unique:q:{{{task.name}:{value}}}"
+
+
 def keys(client: fakeredis.FakeRedis) -> list[str]:
     return sorted(k.decode() for k in client.keys("*"))
 
@@ -40,7 +44,7 @@ def test_duplicate_raises_with_context(app: Celery, fake_redis: Any, published: 
         send_pdf_report.delay("alice@example.com")
     bob = send_pdf_report.delay("bob@example.com")
     assert published == [first.id, bob.id]
-    assert info.value.key == "celery_unique:q:{test_task.send_pdf_report:report_alice@example.com}"
+    assert info.value.key == qkey(send_pdf_report, "report_alice@example.com")
     assert info.value.task_id == first.id
     assert 3599 < info.value.ttl <= 3600
     assert fake_redis.get(info.value.key) == first.id.encode()
@@ -75,7 +79,7 @@ def test_signal_sent_for_each_duplicate(app: Celery) -> None:
     finally:
         unique_signals.duplicate_rejected.disconnect(record)
     assert [s["action"] for s in seen] == ["raised", "existing"]
-    assert seen[0]["task_id"] == first.id and seen[0]["key"].endswith("{test_task.t:k}")
+    assert seen[0]["task_id"] == first.id and seen[0]["key"] == qkey(t, "k")
 
 
 def test_configure_signature_and_per_call(app: Celery, published: list[str]) -> None:
@@ -164,9 +168,9 @@ def test_precedence_call_over_task_over_setting(app: Celery, fake_redis: Any) ->
     t.apply_async(queueing_lock="c", queueing_lock_timeout=30)
     u.delay()
     ttl = {k: fake_redis.pttl(k) for k in keys(fake_redis)}
-    assert 19000 < ttl["celery_unique:q:{test_task.t:a}"] <= 20000
-    assert 29000 < ttl["celery_unique:q:{test_task.t:c}"] <= 30000
-    assert 9000 < ttl["celery_unique:q:{test_task.u:b}"] <= 10000
+    assert 19000 < ttl[qkey(t, "a")] <= 20000
+    assert 29000 < ttl[qkey(t, "c")] <= 30000
+    assert 9000 < ttl[qkey(u, "b")] <= 10000
 
 
 def test_app_setting_typo_fails_at_creation(app: Celery) -> None:
@@ -183,7 +187,7 @@ def test_countdown_extends_the_ttl(app: Celery, fake_redis: Any) -> None:
     def t() -> None: ...
 
     t.apply_async(countdown=100)
-    assert 109000 < fake_redis.pttl("celery_unique:q:{test_task.t:k}") <= 110000
+    assert 109000 < fake_redis.pttl(qkey(t, "k")) <= 110000
 
 
 @pytest.mark.parametrize("options, error", [
@@ -264,7 +268,7 @@ class TestEager:
 
         t.delay(outcome)
         # an eager retry runs again at once, in the caller: each run held what it should
-        assert held[0] == ([] if until == "started" else ["celery_unique:q:{test_task.t:k}"])
+        assert held[0] == ([] if until == "started" else [qkey(t, "k")])
         assert len(held) == (4 if outcome == "retry" else 1)
         assert keys(fake_redis) == []
 
@@ -293,4 +297,4 @@ class TestEager:
         queued = t.delay()
         assert t.apply().get() == "ran"
         assert t() == "ran"
-        assert fake_redis.get("celery_unique:q:{test_task.t:k}") == queued.id.encode()
+        assert fake_redis.get(qkey(t, "k")) == queued.id.encode()

@@ -1,0 +1,75 @@
+"""``python -m celery_unique``: the demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from .testing import RedisServer, wait_for
+
+__all__ = ["main"]
+
+
+def demo() -> int:
+    """Start a private Redis and a worker, fire a burst of duplicates, print what happened."""
+    from .exceptions import AlreadyQueued
+
+    with RedisServer() as server:
+        os.environ["CELERY_UNIQUE_DEMO_REDIS"] = server.url
+        from . import demo as demo_app
+
+        log = Path(tempfile.mkstemp(prefix="celery-unique-demo-", suffix=".log")[1])
+        print(f"private Redis at {server.url}; starting a worker (prefork, 2 processes)")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "celery_unique.demo", "worker", "-P",
+             "prefork", "-c", "2", "-l", "INFO", "--without-gossip", "--without-mingle",
+             "--without-heartbeat", f"--logfile={log}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=os.environ.copy(),
+        )
+        try:
+            wait_for(lambda: "ready." in log.read_text(), timeout=60, what="the worker")
+            emails = ["alice@example.com", "bob@example.com", "carol@example.com"]
+            queued, outcome = [], Counter[str]()
+            print("burst: 30 enqueues, 10 per user, with send_pdf_report.delay(email)")
+            for _round in range(10):
+                for email in emails:
+                    try:
+                        queued.append(demo_app.send_pdf_report.delay(email))
+                        outcome[f"queued   {email}"] += 1
+                    except AlreadyQueued as exc:
+                        outcome[f"rejected {email}"] += 1
+                        last = exc
+                time.sleep(0.05)
+            for line, count in sorted(outcome.items()):
+                print(f"  {line}: {count}")
+            print(f"  e.g. AlreadyQueued: {last}")
+            for result in queued:
+                print(f"  ran {result.id[:8]}: {result.get(timeout=30)}")
+            print("(the lock is released when a worker starts a job: at most one job per"
+                  " user waits in the queue; a duplicate gets AlreadyQueued)")
+            print(f"{len(queued)} queued, {30 - len(queued)} rejected as duplicates,"
+                  f" {len(queued)} ran")
+        finally:
+            worker.terminate()
+            worker.wait(30)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m celery_unique")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="run the demo: a private Redis, a worker, a burst of duplicates")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return demo()
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
