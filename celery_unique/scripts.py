@@ -24,15 +24,16 @@ logger = logging.getLogger(__name__)
 
 #: KEYS[1]: the queueing lock's key.
 #: ARGV[1]: the owner's token (the job's task id); ARGV[2]: the lease in milliseconds.
-#: Returns ``{1}`` when taken, or already held by this owner (its lease is renewed: a
-#: retry re-takes its own lock); else ``{0, holder's token, holder's PTTL in ms}``.
+#: Returns nil when taken, or already held by this owner (its lease is renewed: a retry
+#: re-takes its own lock); else ``{holder's token, holder's PTTL in ms}``. (nil is the
+#: cheapest reply to parse, and acceptance is the hot path.)
 ACQUIRE_QUEUEING_LOCK = """
 local holder = redis.call('GET', KEYS[1])
 if (not holder) or holder == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return {1}
+  return false
 end
-return {0, holder, redis.call('PTTL', KEYS[1])}
+return {holder, redis.call('PTTL', KEYS[1])}
 """
 
 #: KEYS[1]: a lock's key. ARGV[1]: the owner's token.
@@ -74,9 +75,9 @@ class Store:
     def acquire_queueing_lock(self, key: str, token: str, ttl_ms: int) -> tuple[bool, str, int]:
         """Take ``key`` for ``token``; else return ``(False, holder, pttl_ms)``."""
         reply = self._run(self._acquire_queueing, [key], [token, ttl_ms])
-        if int(reply[0]) == 1:
+        if reply is None:
             return True, token, ttl_ms
-        return False, _text(reply[1]), int(reply[2])
+        return False, _text(reply[0]), int(reply[1])
 
     def release(self, key: str, token: str) -> bool:
         """Delete ``key`` if ``token`` holds it."""

@@ -26,7 +26,7 @@ from .keys import (
     compile_spec,
     task_signature,
 )
-from .scripts import get_store, release_quietly
+from .scripts import Store, get_store, release_quietly
 from .settings import (
     CALL_OPTIONS,
     ON_DUPLICATE,
@@ -39,6 +39,8 @@ from .settings import (
 )
 
 __all__ = ["HEADER", "UniqueTask"]
+
+_VALUE_OPTIONS = ("on_duplicate", "queueing_lock_timeout", "queueing_lock_until")
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class UniqueTask(Task):  # type: ignore[misc]
 
     _unique_binder: ClassVar[Binder | None] = None
     _unique_queueing: ClassVar[CompiledSpec | None] = None
+    _unique_defaults: ClassVar[dict[str, Any]] = {}
+    _unique_store_obj: ClassVar[Store | None] = None
 
     # -- set-up: options are checked when Celery creates the task ------------------------
 
@@ -88,14 +92,16 @@ class UniqueTask(Task):  # type: ignore[misc]
         cls._unique_queueing = cls._unique_compile(
             {"queueing_lock": cls.queueing_lock, "unique_on": cls.unique_on}
         )
-        cls._unique_check_values(
-            {
-                "on_duplicate": cls.on_duplicate,
-                "queueing_lock_timeout": cls.queueing_lock_timeout,
-                "queueing_lock_until": cls.queueing_lock_until,
-            },
-            where=cls.name,
-        )
+        per_task = {name: getattr(cls, name) for name in _VALUE_OPTIONS}
+        cls._unique_check_values(per_task, where=cls.name)
+        # Resolved once, as Celery resolves its own task settings (``from_config``) at
+        # bind time: reading Celery's configuration costs more than the lock itself.
+        cls._unique_defaults = {
+            name: setting(app, f"unique_{name}") if value is None else value
+            for name, value in per_task.items()
+        }
+        cls._unique_defaults["key_prefix"] = setting(app, "unique_key_prefix")
+        cls._unique_store_obj = None
 
     @classmethod
     def _unique_compile(cls, options: Mapping[str, Any]) -> CompiledSpec | None:
@@ -107,9 +113,9 @@ class UniqueTask(Task):  # type: ignore[misc]
 
     @staticmethod
     def _unique_check_values(options: Mapping[str, Any], *, where: str) -> None:
-        for option in ("queueing_lock_timeout",):
-            if options.get(option) is not None:
-                check_timeout(options[option], option=option, where=where)
+        if options.get("queueing_lock_timeout") is not None:
+            check_timeout(options["queueing_lock_timeout"], option="queueing_lock_timeout",
+                          where=where)
         if options.get("on_duplicate") is not None:
             check_choice(options["on_duplicate"], ON_DUPLICATE, option="on_duplicate",
                          where=where)
@@ -119,9 +125,13 @@ class UniqueTask(Task):  # type: ignore[misc]
 
     def _unique_option(self, name: str, per_call: Mapping[str, Any]) -> Any:
         value = per_call.get(name)
-        if value is None:
-            value = getattr(self, name)
-        return setting(self.app, f"unique_{name}") if value is None else value
+        return self._unique_defaults[name] if value is None else value
+
+    def _unique_store(self) -> Store:
+        store = type(self)._unique_store_obj
+        if store is None:
+            store = type(self)._unique_store_obj = get_store(self._get_app())
+        return store
 
     # -- caller side ----------------------------------------------------------------------
 
@@ -159,13 +169,12 @@ class UniqueTask(Task):  # type: ignore[misc]
         """Take the queueing lock, then publish; see :class:`UniqueTask` for the options."""
         per_call = {name: options.pop(name) for name in CALL_OPTIONS & options.keys()}
         headers = options.get("headers") or {}
-        request = self.request
         if (
             task_id is not None
-            and task_id == request.id
-            and not request.called_directly
             and options.get("retries")
             and isinstance(headers.get(HEADER), dict)
+            and task_id == self.request.id
+            and not self.request.called_directly
         ):
             # A retry re-publishes the running job under its own id: it re-enters the
             # queue, so it takes its lock again. It is published whatever the answer: a
@@ -173,7 +182,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             info = headers[HEADER]
             ttl_ms = int(info["t"] + 1000 * wait_seconds(options.get("countdown"),
                                                          options.get("eta")))
-            get_store(self.app).acquire_queueing_lock(info["q"], task_id, ttl_ms)
+            self._unique_store().acquire_queueing_lock(info["q"], task_id, ttl_ms)
             return super().apply_async(args, kwargs, task_id=task_id, producer=producer,
                                        link=link, link_error=link_error, shadow=shadow,
                                        **options)
@@ -184,17 +193,16 @@ class UniqueTask(Task):  # type: ignore[misc]
                                        link=link, link_error=link_error, shadow=shadow,
                                        **options)
         args, kwargs = tuple(args or ()), dict(kwargs or {})
-        timeout = check_timeout(self._unique_option("queueing_lock_timeout", per_call),
-                                option="queueing_lock_timeout", where=self.name)
+        timeout = self._unique_option("queueing_lock_timeout", per_call)
         until = self._unique_option("queueing_lock_until", per_call)
         on_duplicate = self._unique_option("on_duplicate", per_call)
-        key = build_key(setting(self.app, "unique_key_prefix"), "q", self.name,
+        key = build_key(self._unique_defaults["key_prefix"], "q", self.name,
                         spec.render(args, kwargs))
         lease_ms = int(timeout * 1000)
         ttl_ms = lease_ms + int(1000 * wait_seconds(options.get("countdown"),
                                                     options.get("eta")))
         task_id = task_id or uuid()
-        store = get_store(self.app)
+        store = self._unique_store()
         taken, holder, pttl = store.acquire_queueing_lock(key, task_id, ttl_ms)
         if not taken:
             return self._unique_duplicate(key, holder, pttl, on_duplicate, args, kwargs,
@@ -259,7 +267,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         info = _header(request)
         if info is not None and info.get("until") == "started":
             request._unique_released = True
-            release_quietly(get_store(self.app), info["q"], request.id, "job started")
+            release_quietly(self._unique_store(), info["q"], request.id, "job started")
         # The tracer has already pushed this task and its request; Task.__call__ would
         # push a fresh request without the job's id.
         return self.run(*args, **kwargs)
@@ -275,7 +283,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         if state == REJECTED and getattr(retval, "requeue", False):
             return  # the message goes back to the queue and will run again
         request._unique_released = True
-        release_quietly(get_store(self.app), info["q"], request.id, f"job ended: {state}")
+        release_quietly(self._unique_store(), info["q"], request.id, f"job ended: {state}")
 
 
 def _header(request: Any) -> dict[str, Any] | None:

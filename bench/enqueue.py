@@ -1,0 +1,113 @@
+"""Enqueue cost: plain Celery, celery-once, celery-singleton and celery-unique, side by side.
+
+One process, one run, the same Redis server (a private one started here, or --redis-url)
+as broker and lock store. Prints µs per ``apply_async`` with unique arguments (every
+enqueue accepted) and with one argument (every enqueue a duplicate), and each library's
+added cost over plain Celery. Rounds interleave the libraries so drift hits all alike.
+
+    python bench/enqueue.py [--rounds 15] [--batch 200] [--redis-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from celery import Celery
+
+from celery_unique import AlreadyQueued, UniqueTask
+from celery_unique.testing import RedisServer
+
+
+def make_apps(url: str) -> dict[str, Any]:
+    from celery_once import AlreadyQueued as OnceQueued
+    from celery_once import QueueOnce
+    from celery_singleton import Singleton
+
+    app = Celery("bench", broker=f"{url}/0", set_as_current=False)
+    app.conf.update(
+        unique_redis_url=f"{url}/1",
+        ONCE={"backend": "celery_once.backends.Redis",
+              "settings": {"url": f"{url}/2", "default_timeout": 3600}},
+        singleton_backend_url=f"{url}/3",
+        task_default_queue="bench",
+    )
+
+    @app.task(name="plain", shared=False)
+    def plain(key: str) -> None: ...
+
+    @app.task(name="once", base=QueueOnce, shared=False, once={"keys": ["key"]})
+    def once(key: str) -> None: ...
+
+    @app.task(name="singleton", base=Singleton, shared=False)
+    def singleton(key: str) -> None: ...
+
+    @app.task(name="unique", base=UniqueTask, queueing_lock="{key}", shared=False)
+    def unique(key: str) -> None: ...
+
+    app.finalize()
+    return {"plain": (plain, ()), "celery-once": (once, (OnceQueued,)),
+            "celery-singleton": (singleton, ()), "celery-unique": (unique, (AlreadyQueued,))}
+
+
+def timed(call: Callable[[str], Any], keys: list[str], errors: tuple[type, ...]) -> float:
+    start = time.perf_counter()
+    for k in keys:
+        try:  # noqa: SIM105 - cheaper per call than contextlib.suppress
+            call(k)
+        except errors:
+            pass
+    return (time.perf_counter() - start) / len(keys) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=200)
+    parser.add_argument("--redis-url", help="a Redis server to use (its dbs 0-3 are FLUSHED)")
+    opts = parser.parse_args()
+
+    server = None if opts.redis_url else RedisServer().start()
+    url = opts.redis_url or server.url  # type: ignore[union-attr]
+    try:
+        tasks = make_apps(url)
+        flush = redis.Redis.from_url(url)
+        for task, errors in tasks.values():  # warm up connections and scripts
+            timed(task.delay, [f"warm-{uuid.uuid4()}" for _ in range(50)], errors)
+        results: dict[str, dict[str, list[float]]] = {n: {"unique": [], "dup": []}
+                                                       for n in tasks}
+        for _round in range(opts.rounds):
+            for name, (task, errors) in tasks.items():
+                flush.flushall()
+                keys = [uuid.uuid4().hex for _ in range(opts.batch)]
+                results[name]["unique"].append(timed(task.delay, keys, errors))
+                keys = ["same"] * opts.batch
+                task.delay("same")
+                results[name]["dup"].append(timed(task.delay, keys, errors))
+        flush.flushall()
+    finally:
+        if server:
+            server.stop()
+
+    med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
+    base = med["plain"]
+    print(f"µs per apply_async, median of {opts.rounds} rounds of {opts.batch}"
+          " (Redis broker and lock store on one local server)")
+    print(f"{'library':<18}{'unique args':>13}{'added':>9}{'duplicates':>13}{'added':>9}")
+    for name, m in med.items():
+        print(f"{name:<18}{m['unique']:>13.1f}{m['unique'] - base['unique']:>9.1f}"
+              f"{m['dup']:>13.1f}{m['dup'] - base['unique']:>9.1f}")
+    once, ours = med["celery-once"], med["celery-unique"]
+    added = (ours["unique"] - base["unique"]) / (once["unique"] - base["unique"])
+    print(f"celery-unique added cost / celery-once's, unique args: {added:.2f} (bar <= 0.65)")
+    print(f"celery-unique duplicate / celery-once's duplicate: {ours['dup'] / once['dup']:.2f}"
+          " (bar <= 0.6)")
+
+
+if __name__ == "__main__":
+    main()

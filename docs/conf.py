@@ -1,0 +1,9 @@
+project = "celery-unique"
+author = "celery-unique developers"
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.intersphinx"]
+intersphinx_mapping = {}  # no network in CI: references stay within these docs
+autodoc_member_order = "bysource"
+autodoc_typehints = "none"
+html_theme = "alabaster"
+exclude_patterns = ["_build"]
+nitpick_ignore_regex = [(r"py:.*", r"(celery|kombu|redis|typing|collections)\..*")]
