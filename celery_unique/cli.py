@@ -33,7 +33,12 @@ def demo() -> int:
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=os.environ.copy(),
         )
         try:
-            wait_for(lambda: "ready." in log.read_text(), timeout=60, what="the worker")
+            def ready() -> bool:
+                if worker.poll() is not None:
+                    raise RuntimeError(f"the demo's worker exited:\n{log.read_text()}")
+                return "ready." in log.read_text()
+
+            wait_for(ready, timeout=60, what="the worker")
             emails = ["alice@example.com", "bob@example.com", "carol@example.com"]
             queued, outcome = [], Counter[str]()
             print("burst: 30 enqueues, 10 per user, with send_pdf_report.delay(email)")
