@@ -56,21 +56,22 @@ def _text(value: Any) -> str:
 class Store:
     """The Redis client and scripts for one app; methods are one round trip each."""
 
-    def __init__(self, url: str, options: dict[str, Any] | None = None) -> None:
-        self.url = url
-        self.options = options
-        self.client: redis.Redis = redis.Redis.from_url(url, **(options or {}))
-        self._acquire_queueing = self.client.register_script(ACQUIRE_QUEUEING_LOCK)
-        self._release = self.client.register_script(RELEASE_LOCK)
+    def __init__(self, client: Any, url: str, options: dict[str, Any] | None = None, *,
+                 pinned: bool = False) -> None:
+        self.client, self.url, self.options = client, url, options
+        #: A pinned store (tests: fakeredis) is kept whatever the app's settings say.
+        self.pinned = pinned
+        self._acquire_queueing = client.register_script(ACQUIRE_QUEUEING_LOCK)
+        self._release = client.register_script(RELEASE_LOCK)
+
+    @classmethod
+    def from_url(cls, url: str, options: dict[str, Any] | None = None) -> Store:
+        return cls(redis.Redis.from_url(url, **(options or {})), url, options)
 
     @classmethod
     def from_client(cls, client: Any) -> Store:
-        """A store over an existing client (fakeredis in unit tests)."""
-        store = cls.__new__(cls)
-        store.url, store.options, store.client = "(given client)", None, client
-        store._acquire_queueing = client.register_script(ACQUIRE_QUEUEING_LOCK)
-        store._release = client.register_script(RELEASE_LOCK)
-        return store
+        """A store over an existing client (fakeredis in unit tests), kept by its app."""
+        return cls(client, "(given client)", pinned=True)
 
     def acquire_queueing_lock(self, key: str, token: str, ttl_ms: int) -> tuple[bool, str, int]:
         """Take ``key`` for ``token``; else return ``(False, holder, pttl_ms)``."""
@@ -103,11 +104,9 @@ def get_store(app: Celery) -> Store:
     options = setting(app, "unique_redis_options")
     store = _stores.get(app)
     # A changed setting (tests, a reconfigured app) builds a new client, not a stale one.
-    if store is None or (store.url != url and store.url != "(given client)") or (
-        store.options != options and store.url != "(given client)"
-    ):
+    if store is None or not (store.pinned or (store.url, store.options) == (url, options)):
         with _lock:
-            store = _stores[app] = Store(url, options)
+            store = _stores[app] = Store.from_url(url, options)
     return store
 
 

@@ -169,6 +169,11 @@ class UniqueTask(Task):  # type: ignore[misc]
         """Take the queueing lock, then publish; see :class:`UniqueTask` for the options."""
         per_call = {name: options.pop(name) for name in CALL_OPTIONS & options.keys()}
         headers = options.get("headers") or {}
+
+        def publish(task_id: str | None) -> AsyncResult:
+            return super(UniqueTask, self).apply_async(
+                args, kwargs, task_id=task_id, producer=producer, link=link,
+                link_error=link_error, shadow=shadow, **options)
         if (
             task_id is not None
             and options.get("retries")
@@ -183,15 +188,11 @@ class UniqueTask(Task):  # type: ignore[misc]
             ttl_ms = int(info["t"] + 1000 * wait_seconds(options.get("countdown"),
                                                          options.get("eta")))
             self._unique_store().acquire_queueing_lock(info["q"], task_id, ttl_ms)
-            return super().apply_async(args, kwargs, task_id=task_id, producer=producer,
-                                       link=link, link_error=link_error, shadow=shadow,
-                                       **options)
+            return publish(task_id)
 
         spec = self._unique_check_call(per_call)
         if spec is None:
-            return super().apply_async(args, kwargs, task_id=task_id, producer=producer,
-                                       link=link, link_error=link_error, shadow=shadow,
-                                       **options)
+            return publish(task_id)
         args, kwargs = tuple(args or ()), dict(kwargs or {})
         timeout = self._unique_option("queueing_lock_timeout", per_call)
         until = self._unique_option("queueing_lock_until", per_call)
@@ -209,9 +210,7 @@ class UniqueTask(Task):  # type: ignore[misc]
                                           options, headers)
         options["headers"] = {**headers, HEADER: {"q": key, "until": until, "t": lease_ms}}
         try:
-            return super().apply_async(args, kwargs, task_id=task_id, producer=producer,
-                                       link=link, link_error=link_error, shadow=shadow,
-                                       **options)
+            return publish(task_id)
         except BaseException:
             # The message was not published (or, in eager mode, the job raised): the lock
             # would otherwise block this key until its lease runs out.

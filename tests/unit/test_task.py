@@ -298,3 +298,42 @@ class TestEager:
         assert t.apply().get() == "ran"
         assert t() == "ran"
         assert fake_redis.get(qkey(t, "k")) == queued.id.encode()
+
+
+def test_django_namespace_settings(fake_redis: Any) -> None:
+    """Settings come from Celery's configuration, so CELERY_UNIQUE_* works under Django."""
+    from celery_unique.scripts import Store, use_store
+
+    app = Celery("django", broker="memory://", set_as_current=False)
+    app.config_from_object({"CELERY_UNIQUE_KEY_PREFIX": "dj",
+                            "CELERY_UNIQUE_QUEUEING_LOCK_TIMEOUT": 5}, namespace="CELERY")
+    use_store(app, Store.from_client(fake_redis))
+
+    @app.task(base=UniqueTask, queueing_lock="k", shared=False)
+    def t() -> None: ...
+
+    t.delay()
+    assert keys(fake_redis) == [f"dj:q:{{{t.name}:k}}"]
+    assert 4000 < fake_redis.pttl(f"dj:q:{{{t.name}:k}}") <= 5000
+
+
+def test_groups_chords_and_chains_take_the_lock(app: Celery, published: list[str]) -> None:
+    from celery import chain, chord, group
+
+    @app.task(base=UniqueTask, queueing_lock=True, shared=False)
+    def t(a: int) -> int:
+        return a
+
+    @app.task(shared=False)
+    def plain(values: Any) -> None: ...
+
+    group(t.s(1), t.s(2)).delay()
+    with pytest.raises(AlreadyQueued):
+        group(t.s(3), t.s(1)).delay()  # the group's second member is a duplicate
+    with pytest.raises(AlreadyQueued):
+        chain(t.s(2), plain.s()).delay()  # a chain's first step goes through apply_async
+    app.conf.result_backend = "cache+memory://"
+    with pytest.raises(AlreadyQueued):
+        chord([t.s(4), t.s(2)], plain.s()).delay()
+    # 1, 2 (first group), 3 (published before its sibling was refused), 4 (chord header)
+    assert len(published) == 4
