@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,12 +54,15 @@ class Worker:
 @pytest.fixture(scope="session")
 def worker(unique_redis_server: RedisServer) -> Iterator[Worker]:
     os.environ["CELERY_UNIQUE_TEST_REDIS"] = unique_redis_server.url
+    results = tempfile.mkdtemp(prefix="celery-unique-results-")
+    os.environ["CELERY_UNIQUE_TEST_RESULTS"] = results
     w = Worker(unique_redis_server)
     try:
         w.wait_ready()
         yield w
     finally:
         w.stop()
+        shutil.rmtree(results, ignore_errors=True)
 
 
 @pytest.fixture

@@ -18,7 +18,12 @@ from celery.exceptions import Ignore, Reject
 from celery_unique import UniqueTask
 
 SERVER = os.environ.get("CELERY_UNIQUE_TEST_REDIS", "redis://127.0.0.1:6379")
-app = Celery("acceptance", broker=f"{SERVER}/2", backend=f"{SERVER}/3")
+# Results go through Celery's filesystem backend, not Redis: Celery < 5.6's Redis result
+# backend can deadlock the caller when AsyncResult.__del__ re-enters redis-py 5's pub/sub
+# lock (celery/celery#10477). Polling files keeps the tests about our locks.
+RESULTS = os.environ.get("CELERY_UNIQUE_TEST_RESULTS", "/tmp/celery-unique-results")
+os.makedirs(RESULTS, exist_ok=True)
+app = Celery("acceptance", broker=f"{SERVER}/2", backend=f"file://{RESULTS}")
 app.conf.update(
     unique_redis_url=f"{SERVER}/1",
     task_publish_retry=False,
