@@ -7,6 +7,8 @@ every lock's value is its owner's token (the job's task id).
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import threading
 import weakref
@@ -18,7 +20,7 @@ from celery import Celery
 from .exceptions import LockStoreUnavailable
 from .settings import redis_url, safe_url, setting
 
-__all__ = ["ACQUIRE_QUEUEING_LOCK", "RELEASE_LOCK", "Store", "get_store"]
+__all__ = ["ACQUIRE_QUEUEING_LOCK", "RELEASE_LOCK", "PendingAcquire", "Store", "get_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +48,75 @@ end
 return 0
 """
 
+_HELD_KEYS_MAX = 1024
+
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class PendingAcquire:
+    """A queueing-lock acquire whose command is sent and whose reply is read later.
+
+    The round trip then overlaps whatever the caller does in between (Celery building
+    its message). :meth:`result` reads the reply once; a connection error, or a script
+    the server does not know yet, falls back to the synchronous call, which is safe to
+    repeat: the script renews a lock its own token holds.
+    """
+
+    __slots__ = ("_conn", "_key", "_pool", "_reply", "_store", "_token", "_ttl_ms")
+
+    def __init__(self, store: Store, pool: Any, conn: Any, key: str, token: str,
+                 ttl_ms: int) -> None:
+        self._store, self._pool, self._conn = store, pool, conn
+        self._key, self._token, self._ttl_ms = key, token, ttl_ms
+        self._reply: tuple[bool, str, int] | None = None
+
+    @classmethod
+    def done(cls, store: Store, reply: tuple[bool, str, int]) -> PendingAcquire:
+        pending = cls(store, None, None, "", "", 0)
+        pending._reply = reply
+        return pending
+
+    def result(self) -> tuple[bool, str, int]:
+        """``(True, token, ttl_ms)`` when taken, else ``(False, holder, pttl_ms)``."""
+        if self._reply is not None:
+            return self._reply
+        conn, self._conn = self._conn, None
+        try:
+            reply = conn.read_response()
+        except redis.ResponseError:  # NOSCRIPT: the server restarted or was flushed
+            self._pool.release(conn)
+        except BaseException as exc:
+            # A broken connection must not go back to the pool with a reply unread.
+            conn.disconnect()
+            self._pool.release(conn)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self._pool.release(conn)
+            self._reply = _acquire_reply(reply, self._token, self._ttl_ms)
+            return self._reply
+        self._reply = self._store.acquire_queueing_lock(self._key, self._token, self._ttl_ms)
+        return self._reply
+
+    def settle(self) -> bool:
+        """Read the reply if still unread; whether the lock is ours. Never raises."""
+        if self._reply is None and self._conn is None:
+            return False  # reading it failed, and the caller has been told
+        try:
+            return self.result()[0]
+        except Exception:
+            logger.exception("celery-unique: could not read the reply for %s", self._key)
+            return False
+
+
+def _acquire_reply(reply: Any, token: str, ttl_ms: int) -> tuple[bool, str, int]:
+    if reply is None:
+        return True, token, ttl_ms
+    return False, _text(reply[0]), int(reply[1])
 
 
 class Store:
@@ -63,6 +129,19 @@ class Store:
         self.pinned = pinned
         self._acquire_queueing = client.register_script(ACQUIRE_QUEUEING_LOCK)
         self._release = client.register_script(RELEASE_LOCK)
+        #: Keys recently found held (an ordered set): a hint of where to wait for the
+        #: next reply on them, never a decision; a key is dropped when next taken.
+        self.held_keys: dict[str, None] = {}
+        # Sending ahead needs a connection of our own from the pool, which a
+        # single-connection client does not lend.
+        self.pool = None if getattr(client, "connection", None) else getattr(
+            client, "connection_pool", None)
+        # redis-py < 5.1 requires a command name that later versions deprecate.
+        self._pool_args: tuple[str, ...] = ()
+        if self.pool is not None:
+            param = inspect.signature(self.pool.get_connection).parameters.get("command_name")
+            if param is not None and param.default is inspect.Parameter.empty:
+                self._pool_args = ("EVALSHA",)
 
     @classmethod
     def from_url(cls, url: str, options: dict[str, Any] | None = None) -> Store:
@@ -76,9 +155,37 @@ class Store:
     def acquire_queueing_lock(self, key: str, token: str, ttl_ms: int) -> tuple[bool, str, int]:
         """Take ``key`` for ``token``; else return ``(False, holder, pttl_ms)``."""
         reply = self._run(self._acquire_queueing, [key], [token, ttl_ms])
-        if reply is None:
-            return True, token, ttl_ms
-        return False, _text(reply[0]), int(reply[1])
+        return _acquire_reply(reply, token, ttl_ms)
+
+    def send_acquire_now(self, key: str, token: str, ttl_ms: int) -> PendingAcquire:
+        """:meth:`acquire_queueing_lock`, its reply already read."""
+        return PendingAcquire.done(self, self.acquire_queueing_lock(key, token, ttl_ms))
+
+    def send_acquire(self, key: str, token: str, ttl_ms: int) -> PendingAcquire:
+        """Send :meth:`acquire_queueing_lock` now and read its reply later."""
+        pool = self.pool
+        if pool is None:
+            return PendingAcquire.done(self, self.acquire_queueing_lock(key, token, ttl_ms))
+        try:
+            conn = pool.get_connection(*self._pool_args)
+        except _CONNECTION_ERRORS:
+            return PendingAcquire.done(self, self.acquire_queueing_lock(key, token, ttl_ms))
+        try:
+            conn.send_command("EVALSHA", self._acquire_queueing.sha, 1, key, token, ttl_ms)
+        except Exception:
+            # A stale connection (the server restarted): the client's own retry decides.
+            conn.disconnect()
+            pool.release(conn)
+            return PendingAcquire.done(self, self.acquire_queueing_lock(key, token, ttl_ms))
+        return PendingAcquire(self, pool, conn, key, token, ttl_ms)
+
+    def remember_held(self, key: str) -> None:
+        """Note that ``key`` was found held (bounded: the oldest is dropped)."""
+        held = self.held_keys
+        held[key] = None
+        if len(held) > _HELD_KEYS_MAX:
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                del held[next(iter(held))]
 
     def release(self, key: str, token: str) -> bool:
         """Delete ``key`` if ``token`` holds it."""

@@ -26,7 +26,7 @@ from .keys import (
     compile_spec,
     task_signature,
 )
-from .scripts import Store, get_store, release_quietly
+from .scripts import PendingAcquire, Store, get_store, release_quietly
 from .settings import (
     CALL_OPTIONS,
     ON_DUPLICATE,
@@ -170,7 +170,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         per_call = {name: options.pop(name) for name in CALL_OPTIONS & options.keys()}
         headers = options.get("headers") or {}
 
-        def publish(task_id: str | None) -> AsyncResult:
+        def publish(task_id: str | None, producer: Any = producer) -> AsyncResult:
             return super(UniqueTask, self).apply_async(
                 args, kwargs, task_id=task_id, producer=producer, link=link,
                 link_error=link_error, shadow=shadow, **options)
@@ -204,18 +204,46 @@ class UniqueTask(Task):  # type: ignore[misc]
                                                     options.get("eta")))
         task_id = task_id or uuid()
         store = self._unique_store()
-        taken, holder, pttl = store.acquire_queueing_lock(key, task_id, ttl_ms)
-        if not taken:
-            return self._unique_duplicate(key, holder, pttl, on_duplicate, args, kwargs,
-                                          options, headers)
+        app = self._get_app()
+        if app.conf.task_always_eager:
+            # Eager mode runs the job in line, without routing or producer: wait first.
+            pending = store.send_acquire_now(key, task_id, ttl_ms)
+            where = "now"
+        else:
+            # The command is sent now and its reply read while Celery works: the round
+            # trip overlaps Celery's message building instead of preceding it.
+            pending = store.send_acquire(key, task_id, ttl_ms)
+            where = "route" if key in store.held_keys or options.get("connection") else "publish"
         options["headers"] = {**headers, HEADER: {"q": key, "until": until, "t": lease_ms}}
         try:
-            return publish(task_id)
+            if where == "now":
+                _check(pending)
+                return publish(task_id)
+            if where == "route":
+                # A key found held moments ago (duplicates come in bursts) is checked
+                # when Celery routes the message, before it builds it; so is a message
+                # Celery sends on a ``connection`` of its own.
+                options["router"] = _GatedRouter(options.get("router") or app.amqp.router,
+                                                 pending)
+                result = publish(task_id)
+                store.held_keys.pop(key, None)
+                return result
+            # Else the reply is read when Celery first uses the producer, once the message
+            # is built: most of the round trip is hidden.
+            with app.producer_or_acquire(producer) as real_producer:
+                return publish(task_id, _GatedProducer(real_producer, pending))
+        except _Duplicate as duplicate:
+            store.remember_held(key)
+            return self._unique_duplicate(key, duplicate.holder, duplicate.pttl,
+                                          on_duplicate, args, kwargs, options, headers)
         except BaseException:
             # The message was not published (or, in eager mode, the job raised): the lock
             # would otherwise block this key until its lease runs out.
-            release_quietly(store, key, task_id, "publish failed")
+            if pending.settle():
+                release_quietly(store, key, task_id, "publish failed")
             raise
+        finally:
+            pending.settle()
 
     def _unique_duplicate(
         self,
@@ -283,6 +311,53 @@ class UniqueTask(Task):  # type: ignore[misc]
             return  # the message goes back to the queue and will run again
         request._unique_released = True
         release_quietly(self._unique_store(), info["q"], request.id, f"job ended: {state}")
+
+
+class _Duplicate(Exception):
+    """Internal: the lock is held by another job; never leaves :meth:`apply_async`."""
+
+    def __init__(self, holder: str, pttl: int) -> None:
+        super().__init__(holder, pttl)
+        self.holder, self.pttl = holder, pttl
+
+
+def _check(pending: PendingAcquire) -> None:
+    taken, holder, pttl = pending.result()
+    if not taken:
+        raise _Duplicate(holder, pttl)
+
+
+class _GatedRouter:
+    """The router Celery gets for one message: routing, the first thing Celery does with
+    a message, waits for the lock's reply and stops the message on a duplicate."""
+
+    __slots__ = ("_pending", "_router")
+
+    def __init__(self, router: Any, pending: PendingAcquire) -> None:
+        self._router, self._pending = router, pending
+
+    def route(self, *args: Any, **kwargs: Any) -> Any:
+        _check(self._pending)
+        return self._router.route(*args, **kwargs)
+
+
+class _GatedProducer:
+    """The producer Celery gets: its first use (``P.connection``, right after Celery has
+    built the message) waits for the lock's reply and stops the publish on a duplicate.
+    """
+
+    __slots__ = ("_pending", "_producer")
+
+    def __init__(self, producer: Any, pending: PendingAcquire) -> None:
+        self._producer = producer
+        self._pending: PendingAcquire | None = pending
+
+    def __getattr__(self, name: str) -> Any:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            _check(pending)
+        return getattr(self._producer, name)
 
 
 def _header(request: Any) -> dict[str, Any] | None:

@@ -146,3 +146,35 @@ def test_send_task_cannot_be_intercepted(redis_app: Celery) -> None:
     byname.delay()
     redis_app.send_task("tests.byname")
     assert broker(redis_app).llen(QUEUE(redis_app)) == 2
+
+
+def test_failed_publish_releases_the_lock(redis_app: Celery) -> None:
+    redis_app.conf.broker_url = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    redis_app.conf.broker_connection_timeout = 0.2
+    redis_app.conf.broker_transport_options = {"max_retries": 0}
+
+    @redis_app.task(base=UniqueTask, queueing_lock="k", shared=False)
+    def t() -> None: ...
+
+    for _ in range(2):  # the lock's reply is read while Celery fails to connect
+        with pytest.raises(Exception) as info:
+            t.delay()
+        assert not isinstance(info.value, (AlreadyQueued, LockStoreUnavailable))
+        assert client(redis_app).keys("*") == []
+
+
+def test_connections_killed_or_scripts_flushed_between_calls(redis_app: Celery) -> None:
+    """The reply read later falls back to a plain call when the pooled connection died."""
+    @redis_app.task(base=UniqueTask, queueing_lock="{n}", shared=False)
+    def t(n: int) -> None: ...
+
+    admin = client(redis_app)
+    for n in range(3):
+        admin.client_kill_filter(_type="normal", skipme=True)
+        admin.script_flush()
+        first = t.delay(n)
+        admin.client_kill_filter(_type="normal", skipme=True)
+        with pytest.raises(AlreadyQueued) as info:
+            t.delay(n)
+        assert info.value.task_id == first.id
+    assert broker(redis_app).llen(QUEUE(redis_app)) == 3

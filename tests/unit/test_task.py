@@ -238,6 +238,91 @@ def test_failed_publish_releases_the_lock(app: Celery, fake_redis: Any) -> None:
     assert keys(fake_redis) == []
 
 
+class TestOverlappedReply:
+    """The lock's reply is read while Celery works; a duplicate never becomes a message."""
+
+    @pytest.fixture
+    def built(self) -> Iterator[list[str]]:
+        """Ids of the messages Celery built and was about to publish."""
+        ids: list[str] = []
+
+        def record(headers: Any = None, **_: Any) -> None:
+            ids.append(headers["id"])
+
+        signals.before_task_publish.connect(record, weak=False)
+        yield ids
+        signals.before_task_publish.disconnect(record)
+
+    def test_duplicates_are_stopped_before_publishing(
+        self, app: Celery, fake_redis: Any, built: list[str]
+    ) -> None:
+        @app.task(base=UniqueTask, queueing_lock="k", shared=False)
+        def t() -> None: ...
+
+        store = t._unique_store()
+        first = t.delay()
+        for _ in range(3):  # read at the producer first, then (a key seen held) at routing
+            with pytest.raises(AlreadyQueued):
+                t.delay()
+            assert qkey(t, "k") in store.held_keys
+        assert built == [first.id]
+        fake_redis.delete(qkey(t, "k"))  # the job started
+        second = t.delay()
+        assert built == [first.id, second.id]
+        assert qkey(t, "k") not in store.held_keys
+        assert fake_redis.get(qkey(t, "k")) == second.id.encode()
+
+    @pytest.mark.parametrize("seen_held", [False, True])
+    def test_error_before_the_reply_is_read_releases_the_lock(
+        self, app: Celery, fake_redis: Any, seen_held: bool
+    ) -> None:
+        class BrokenRouter:
+            def route(self, *args: Any, **kwargs: Any) -> Any:
+                raise LookupError("no route")
+
+        @app.task(base=UniqueTask, queueing_lock="k", shared=False)
+        def t() -> None: ...
+
+        if seen_held:
+            t._unique_store().remember_held(qkey(t, "k"))
+        with pytest.raises(LookupError, match="no route"):
+            t.apply_async(router=BrokenRouter())
+        assert keys(fake_redis) == []
+        assert t.delay().id  # the pooled connection holds no stale reply
+
+    def test_given_connection_is_checked_before_building(
+        self, app: Celery, built: list[str]
+    ) -> None:
+        @app.task(base=UniqueTask, queueing_lock="k", shared=False)
+        def t() -> None: ...
+
+        with app.connection_for_write() as conn:
+            first = t.apply_async(connection=conn)
+            with pytest.raises(AlreadyQueued):
+                t.apply_async(connection=conn)
+        assert built == [first.id]
+
+    def test_unknown_script_is_loaded_again(self, app: Celery, fake_redis: Any) -> None:
+        @app.task(base=UniqueTask, queueing_lock="k", shared=False)
+        def t() -> None: ...
+
+        fake_redis.script_flush()
+        first = t.delay()
+        fake_redis.script_flush()
+        with pytest.raises(AlreadyQueued) as info:
+            t.delay()
+        assert info.value.task_id == first.id
+
+    def test_held_keys_are_bounded(self, app: Celery) -> None:
+        @app.task(base=UniqueTask, queueing_lock="k", shared=False)
+        def t() -> None: ...
+
+        store = t._unique_store()
+        for i in range(3000):
+            store.remember_held(str(i))
+        assert len(store.held_keys) <= 1025 and "2999" in store.held_keys
+
+
 class TestEager:
     """Eager mode runs the real tracer in the caller: every end releases the lock."""
 
