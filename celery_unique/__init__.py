@@ -1,4 +1,4 @@
-"""celery-unique: Celery tasks that are not queued twice."""
+"""celery-unique: Celery tasks that are not queued twice, and run one at a time."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from .exceptions import (
     CeleryUniqueError,
     ConfigurationError,
     KeyBuildError,
+    LockHeld,
     LockStoreUnavailable,
 )
 from .settings import UniqueOptions
@@ -19,6 +20,7 @@ __all__ = [
     "CeleryUniqueError",
     "ConfigurationError",
     "KeyBuildError",
+    "LockHeld",
     "LockStoreUnavailable",
     "UniqueOptions",
     "UniqueTask",

@@ -63,5 +63,13 @@ class AlreadyQueued(CeleryUniqueError):
     ttl: float
 
 
+class LockHeld(CeleryUniqueError):
+    """The job's lock was held by another job, and the job was skipped.
+
+    ``on_locked="skip"``: the result of a skipped job (state ``REVOKED``). Context:
+    ``lock`` (the lock's name), ``key`` (its Redis key), ``holder`` (a job holding it).
+    """
+
+
 #: procrastinate's spelling of :class:`AlreadyQueued`.
 AlreadyEnqueued = AlreadyQueued

@@ -13,6 +13,7 @@ from typing import Any
 from billiard.exceptions import Terminated, WorkerLostError
 from celery.worker.request import Request
 
+from .lock import Lock, release_lock
 from .scripts import get_store, release_quietly
 from .task import HEADER
 
@@ -24,12 +25,17 @@ class UniqueRequest(Request):  # type: ignore[misc]
 
     _unique_done = False
 
-    def _unique_release(self, why: str) -> None:
+    def _unique_release(self, why: str, queueing: bool = True) -> None:
         info = self.request_dict.get(HEADER)
-        if self._unique_done or not isinstance(info, dict) or not info.get("q"):
+        if self._unique_done or not isinstance(info, dict):
             return
         self._unique_done = True
-        release_quietly(get_store(self.task.app), info["q"], self.id, why)
+        if queueing and info.get("q"):
+            release_quietly(get_store(self.task.app), info["q"], self.id, why)
+        lock = Lock.from_header(info)
+        if lock is not None:
+            # Held, or a place in line: either way the job will not run now.
+            release_lock(self.task, self.id, lock, why, app=self.task.app)
 
     def revoked(self) -> bool:
         revoked = bool(super().revoked())
@@ -51,6 +57,6 @@ class UniqueRequest(Request):  # type: ignore[misc]
         elif isinstance(exc, (WorkerLostError, SystemExit, KeyboardInterrupt)):
             task = self.task
             # With acks_late and reject_on_worker_lost the message is requeued and the
-            # job runs again: it keeps its lock.
-            if not (task.acks_late and task.reject_on_worker_lost):
-                self._unique_release("worker lost")
+            # job runs again: it keeps its queueing lock, and takes its lock again.
+            requeued = bool(task.acks_late and task.reject_on_worker_lost)
+            self._unique_release("worker lost", queueing=not requeued)

@@ -12,6 +12,7 @@ import inspect
 import logging
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -20,7 +21,8 @@ from celery import Celery
 from .exceptions import LockStoreUnavailable
 from .settings import redis_url, safe_url, setting
 
-__all__ = ["ACQUIRE_QUEUEING_LOCK", "RELEASE_LOCK", "PendingAcquire", "Store", "get_store"]
+__all__ = ["ACQUIRE_QUEUEING_LOCK", "ENTER_LINE", "LOCK_SCRIPTS", "RELEASE_LOCK", "Pending",
+           "Store", "get_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,182 @@ end
 return 0
 """
 
+# -- the execution lock ------------------------------------------------------------------
+#
+# One lock is five keys sharing one hash tag (``lock_keys``):
+#   holders  ZSET token -> lease deadline (ms, server time): the jobs running under it
+#   line     ZSET token -> ticket: jobs waiting, in creation order
+#   parked   HASH token -> message: jobs waiting without a worker slot, to publish again
+#   seq      the last ticket or fence given (both strictly increase per lock); it expires
+#            after a day unused, and starts again above the server time in µs
+#   arrival  ZSET token -> deadline: line entries whose job has not reached a worker yet
+# Times are the server's (TIME), so workers' clocks never matter.
+
+#: Shared by the execution lock's scripts. KEYS[1..5]: the lock's keys (above).
+LOCK_PRELUDE = """
+local KH, KW, KP, KS, KE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+
+-- Holders whose lease ran out (a killed worker) are gone; one handed the lock that never
+-- started (its new message was lost) goes back to the front of the line.
+local function expire()
+  for _, t in ipairs(redis.call('ZRANGEBYSCORE', KH, '-inf', now)) do
+    redis.call('ZREM', KH, t)
+    if redis.call('HEXISTS', KP, t) == 1 then redis.call('ZADD', KW, 0, t) end
+  end
+end
+
+-- The first n entries of the line, without the ones that never reached a worker in time.
+local function front(n)
+  while true do
+    local entries = redis.call('ZRANGE', KW, 0, n - 1)
+    local clean = true
+    for _, t in ipairs(entries) do
+      local deadline = redis.call('ZSCORE', KE, t)
+      if deadline and tonumber(deadline) < now then
+        redis.call('ZREM', KW, t)
+        redis.call('ZREM', KE, t)
+        redis.call('HDEL', KP, t)
+        clean = false
+      end
+    end
+    if clean then return entries end
+  end
+end
+
+-- Hands free places to parked jobs at the front of the line, appending {token, message}
+-- pairs to out; stops at a job still on its way to a worker (it takes its place there).
+local function wake(limit, lease, out)
+  local free = limit - redis.call('ZCARD', KH)
+  while free > 0 do
+    local t = front(1)[1]
+    if not t then break end
+    local message = redis.call('HGET', KP, t)
+    if not message then break end
+    redis.call('ZREM', KW, t)
+    redis.call('ZADD', KH, now + lease, t)
+    out[#out + 1] = t
+    out[#out + 1] = message
+    free = free - 1
+  end
+  return out
+end
+
+-- The next ticket or fence: above the last one, and above the time in µs, so that it still
+-- increases after the counter expired with the lock unused.
+local function next_seq()
+  local value = math.max(tonumber(redis.call('GET', KS) or '0') + 1, now * 1000)
+  redis.call('SET', KS, string.format('%d', value), 'PX', 86400000)
+  return value
+end
+
+local function holder()
+  return redis.call('ZRANGE', KH, 0, 0)[1] or ''
+end
+"""
+
+#: The execution lock's scripts, each run after :data:`LOCK_PRELUDE`.
+LOCK_SCRIPTS = {
+    # KEYS[6] (optional): the job's queueing lock, released when the lock is taken.
+    # ARGV: token, limit, lease ms, on_locked ("order", "retry" or "skip"), wait ms (how
+    # long a waiting job that stops asking keeps its place).
+    # Returns {1, fence, woken...} when taken (or already handed to this job), else
+    # {0, a holder's token, place in line or -1, woken...}; woken: {token, message} pairs
+    # of parked jobs handed the lock, for the caller to publish again.
+    "acquire": """
+local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+expire()
+local function grant()
+  redis.call('ZREM', KW, token)
+  redis.call('ZREM', KE, token)
+  redis.call('HDEL', KP, token)
+  redis.call('ZADD', KH, now + lease, token)
+  if KEYS[6] and redis.call('GET', KEYS[6]) == token then redis.call('DEL', KEYS[6]) end
+  return {1, next_seq()}
+end
+if redis.call('ZSCORE', KH, token) then return grant() end
+local free = limit - redis.call('ZCARD', KH)
+if ARGV[4] ~= 'order' then
+  if free > 0 then return grant() end
+  return {0, holder(), -1}
+end
+if not redis.call('ZSCORE', KW, token) then
+  redis.call('ZADD', KW, next_seq(), token)
+end
+if free > 0 then
+  for _, t in ipairs(front(free)) do
+    if t == token then return grant() end
+  end
+end
+redis.call('ZADD', KE, now + tonumber(ARGV[5]), token)
+return wake(limit, lease, {0, holder(), redis.call('ZRANK', KW, token)})
+""",
+    # A waiting job leaves its message and its worker slot. ARGV: token, limit, lease ms,
+    # message. Returns as "acquire": a place freed since is taken instead of parking.
+    "park": """
+local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+expire()
+if not redis.call('ZSCORE', KW, token) then
+  redis.call('ZADD', KW, next_seq(), token)
+end
+redis.call('ZREM', KE, token)
+redis.call('HSET', KP, token, ARGV[4])
+return wake(limit, lease, {0, holder(), redis.call('ZRANK', KW, token) or -1})
+""",
+    # A job ends, or leaves the line (revoked, expired, its publish failed).
+    # ARGV: token, limit, lease ms. Returns {1 if it held the lock else 0, woken...}.
+    "release": """
+local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+expire()
+local held = redis.call('ZREM', KH, token)
+redis.call('ZREM', KW, token)
+redis.call('ZREM', KE, token)
+redis.call('HDEL', KP, token)
+return wake(limit, lease, {held})
+""",
+    # ARGV: token, lease ms. Returns 1 when the lease was renewed, 0 when it was lost.
+    "extend": """
+if redis.call('ZSCORE', KH, ARGV[1]) then
+  redis.call('ZADD', KH, 'XX', now + tonumber(ARGV[2]), ARGV[1])
+  return 1
+end
+return 0
+""",
+    # Periodic, from every worker: hands places freed by expired leases to parked jobs.
+    # ARGV: limit, lease ms. Returns {ms until the next check or -1 when none is needed,
+    # woken...}.
+    "sweep": """
+local limit, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
+expire()
+local out = wake(limit, lease, {-1})
+if redis.call('HLEN', KP) > 0 then
+  local next_at = nil
+  local first = redis.call('ZRANGE', KH, 0, 0, 'WITHSCORES')
+  if first[2] then next_at = tonumber(first[2]) end
+  local arrival = redis.call('ZRANGE', KE, 0, 0, 'WITHSCORES')
+  if arrival[2] and (not next_at or tonumber(arrival[2]) < next_at) then
+    next_at = tonumber(arrival[2])
+  end
+  out[1] = math.max(0, (next_at or now + lease) - now)
+end
+return out
+""",
+}
+
+#: At enqueue, a job takes its place in its lock's line ("order"): creation order.
+#: KEYS: the lock's line, seq and arrival keys. ARGV: token, ms it may take to reach a
+#: worker (then its place is given up). Returns its ticket.
+ENTER_LINE = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local ticket = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, now * 1000)
+redis.call('SET', KEYS[2], string.format('%d', ticket), 'PX', 86400000)
+redis.call('ZADD', KEYS[1], 'NX', ticket, ARGV[1])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
+return ticket
+"""
+
 _HELD_KEYS_MAX = 1024
 
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
@@ -57,66 +235,70 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class PendingAcquire:
-    """A queueing-lock acquire whose command is sent and whose reply is read later.
+class Pending:
+    """A script whose command is sent now and whose reply is read later.
 
     The round trip then overlaps whatever the caller does in between (Celery building
     its message). :meth:`result` reads the reply once; a connection error, or a script
-    the server does not know yet, falls back to the synchronous call, which is safe to
-    repeat: the script renews a lock its own token holds.
+    the server does not know yet, falls back to the synchronous call. Every script sent
+    this way is safe to repeat.
     """
 
-    __slots__ = ("_conn", "_key", "_pool", "_reply", "_store", "_token", "_ttl_ms")
+    __slots__ = ("_args", "_conn", "_keys", "_parse", "_pool", "_reply", "_script", "_store")
 
-    def __init__(self, store: Store, pool: Any, conn: Any, key: str, token: str,
-                 ttl_ms: int) -> None:
-        self._store, self._pool, self._conn = store, pool, conn
-        self._key, self._token, self._ttl_ms = key, token, ttl_ms
-        self._reply: tuple[bool, str, int] | None = None
+    def __init__(self, store: Store, script: Any, keys: list[str], args: list[Any],
+                 parse: Callable[[Any], Any], pool: Any = None, conn: Any = None) -> None:
+        self._store, self._script, self._keys, self._args = store, script, keys, args
+        self._parse, self._pool, self._conn = parse, pool, conn
+        self._reply: Any = _UNREAD
 
-    @classmethod
-    def done(cls, store: Store, reply: tuple[bool, str, int]) -> PendingAcquire:
-        pending = cls(store, None, None, "", "", 0)
-        pending._reply = reply
-        return pending
-
-    def result(self) -> tuple[bool, str, int]:
-        """``(True, token, ttl_ms)`` when taken, else ``(False, holder, pttl_ms)``."""
-        if self._reply is not None:
+    def result(self) -> Any:
+        """The parsed reply."""
+        if self._reply is not _UNREAD:
             return self._reply
         conn, self._conn = self._conn, None
-        try:
-            reply = conn.read_response()
-        except redis.ResponseError:  # NOSCRIPT: the server restarted or was flushed
-            self._pool.release(conn)
-        except BaseException as exc:
-            # A broken connection must not go back to the pool with a reply unread.
-            conn.disconnect()
-            self._pool.release(conn)
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            self._pool.release(conn)
-            self._reply = _acquire_reply(reply, self._token, self._ttl_ms)
-            return self._reply
-        self._reply = self._store.acquire_queueing_lock(self._key, self._token, self._ttl_ms)
+        if conn is not None:
+            try:
+                reply = conn.read_response()
+            except redis.ResponseError:  # NOSCRIPT: the server restarted or was flushed
+                self._pool.release(conn)
+            except BaseException as exc:
+                # A broken connection must not go back to the pool with a reply unread.
+                conn.disconnect()
+                self._pool.release(conn)
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                self._pool.release(conn)
+                self._reply = self._parse(reply)
+                return self._reply
+        self._reply = self._parse(self._store.run(self._script, self._keys, self._args))
         return self._reply
 
-    def settle(self) -> bool:
-        """Read the reply if still unread; whether the lock is ours. Never raises."""
-        if self._reply is None and self._conn is None:
-            return False  # reading it failed, and the caller has been told
+    def settle(self) -> Any:
+        """Read the reply if still unread; None when it cannot be read. Never raises."""
+        if self._reply is _UNREAD and self._conn is None:
+            return None  # reading it failed, and the caller has been told
         try:
-            return self.result()[0]
+            return self.result()
         except Exception:
-            logger.exception("celery-unique: could not read the reply for %s", self._key)
-            return False
+            logger.exception("celery-unique: could not read the reply for %s", self._keys)
+            return None
 
 
-def _acquire_reply(reply: Any, token: str, ttl_ms: int) -> tuple[bool, str, int]:
-    if reply is None:
-        return True, token, ttl_ms
-    return False, _text(reply[0]), int(reply[1])
+_UNREAD = object()
+
+
+def _acquire_reply(token: str, ttl_ms: int) -> Callable[[Any], tuple[bool, str, int]]:
+    def parse(reply: Any) -> tuple[bool, str, int]:
+        if reply is None:
+            return True, token, ttl_ms
+        return False, _text(reply[0]), int(reply[1])
+    return parse
+
+
+def _same(reply: Any) -> Any:
+    return reply
 
 
 class Store:
@@ -129,6 +311,9 @@ class Store:
         self.pinned = pinned
         self._acquire_queueing = client.register_script(ACQUIRE_QUEUEING_LOCK)
         self._release = client.register_script(RELEASE_LOCK)
+        self.lock_scripts = {name: client.register_script(LOCK_PRELUDE + body)
+                             for name, body in LOCK_SCRIPTS.items()}
+        self._enter_line = client.register_script(ENTER_LINE)
         #: Keys recently found held (an ordered set): a hint of where to wait for the
         #: next reply on them, never a decision; a key is dropped when next taken.
         self.held_keys: dict[str, None] = {}
@@ -152,32 +337,24 @@ class Store:
         """A store over an existing client (fakeredis in unit tests), kept by its app."""
         return cls(client, "(given client)", pinned=True)
 
+    # -- the queueing lock ------------------------------------------------------------
+
     def acquire_queueing_lock(self, key: str, token: str, ttl_ms: int) -> tuple[bool, str, int]:
         """Take ``key`` for ``token``; else return ``(False, holder, pttl_ms)``."""
-        reply = self._run(self._acquire_queueing, [key], [token, ttl_ms])
-        return _acquire_reply(reply, token, ttl_ms)
+        reply = self.run(self._acquire_queueing, [key], [token, ttl_ms])
+        return _acquire_reply(token, ttl_ms)(reply)
 
-    def send_acquire_now(self, key: str, token: str, ttl_ms: int) -> PendingAcquire:
+    def send_acquire_now(self, key: str, token: str, ttl_ms: int) -> Pending:
         """:meth:`acquire_queueing_lock`, its reply already read."""
-        return PendingAcquire.done(self, self.acquire_queueing_lock(key, token, ttl_ms))
+        pending = Pending(self, self._acquire_queueing, [key], [token, ttl_ms],
+                          _acquire_reply(token, ttl_ms))
+        pending.result()
+        return pending
 
-    def send_acquire(self, key: str, token: str, ttl_ms: int) -> PendingAcquire:
+    def send_acquire(self, key: str, token: str, ttl_ms: int) -> Pending:
         """Send :meth:`acquire_queueing_lock` now and read its reply later."""
-        pool = self.pool
-        if pool is None:
-            return PendingAcquire.done(self, self.acquire_queueing_lock(key, token, ttl_ms))
-        try:
-            conn = pool.get_connection(*self._pool_args)
-        except _CONNECTION_ERRORS:
-            return PendingAcquire.done(self, self.acquire_queueing_lock(key, token, ttl_ms))
-        try:
-            conn.send_command("EVALSHA", self._acquire_queueing.sha, 1, key, token, ttl_ms)
-        except Exception:
-            # A stale connection (the server restarted): the client's own retry decides.
-            conn.disconnect()
-            pool.release(conn)
-            return PendingAcquire.done(self, self.acquire_queueing_lock(key, token, ttl_ms))
-        return PendingAcquire(self, pool, conn, key, token, ttl_ms)
+        return self.send(self._acquire_queueing, [key], [token, ttl_ms],
+                         _acquire_reply(token, ttl_ms))
 
     def remember_held(self, key: str) -> None:
         """Note that ``key`` was found held (bounded: the oldest is dropped)."""
@@ -189,9 +366,50 @@ class Store:
 
     def release(self, key: str, token: str) -> bool:
         """Delete ``key`` if ``token`` holds it."""
-        return bool(self._run(self._release, [key], [token]))
+        return bool(self.run(self._release, [key], [token]))
 
-    def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    # -- the execution lock -----------------------------------------------------------
+
+    def send_enter_line(self, base: str, token: str, wait_ms: int) -> Pending:
+        """Send :data:`ENTER_LINE` for the lock ``base`` now; read its reply later."""
+        line, _, seq, arrival = lock_keys(base)[1:]
+        return self.send(self._enter_line, [line, seq, arrival], [token, wait_ms], _same)
+
+    def lock(self, name: str, base: str, args: list[Any], queueing_key: str | None = None
+             ) -> Any:
+        """Run the lock script ``name`` (see :data:`LOCK_SCRIPTS`) on the lock ``base``."""
+        keys = lock_keys(base)
+        if queueing_key:
+            keys.append(queueing_key)
+        return self.run(self.lock_scripts[name], keys, args)
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def send(self, script: Any, keys: list[str], args: list[Any],
+             parse: Callable[[Any], Any]) -> Pending:
+        """Send ``script`` now on a connection of its own; :meth:`Pending.result` reads."""
+        pool = self.pool
+        pending = Pending(self, script, keys, args, parse)
+        if pool is None:
+            pending.result()
+            return pending
+        try:
+            conn = pool.get_connection(*self._pool_args)
+        except _CONNECTION_ERRORS:
+            pending.result()
+            return pending
+        try:
+            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except Exception:
+            # A stale connection (the server restarted): the client's own retry decides.
+            conn.disconnect()
+            pool.release(conn)
+            pending.result()
+            return pending
+        pending._pool, pending._conn = pool, conn
+        return pending
+
+    def run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
             return script(keys=keys, args=args, client=self.client)
         except _CONNECTION_ERRORS as exc:
@@ -199,6 +417,11 @@ class Store:
                 f"cannot reach the lock store at {safe_url(self.url)}: {exc}",
                 url=safe_url(self.url),
             ) from exc
+
+
+def lock_keys(base: str) -> list[str]:
+    """The keys of one execution lock, in the order :data:`LOCK_PRELUDE` names them."""
+    return [f"{base}:{suffix}" for suffix in ("holders", "line", "parked", "seq", "arrival")]
 
 
 _stores: weakref.WeakKeyDictionary[Celery, Store] = weakref.WeakKeyDictionary()

@@ -20,6 +20,7 @@ from .keys import LockSpec
 __all__ = ["DEFAULTS", "UniqueOptions", "redis_url", "setting"]
 
 ON_DUPLICATE = ("raise", "existing")
+ON_LOCKED = ("order", "retry", "skip")
 UNTIL = ("started", "finished")
 
 #: Celery settings of celery-unique (``CELERY_UNIQUE_...`` under Django's namespace).
@@ -30,6 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "unique_queueing_lock_timeout": 3600.0,
     "unique_queueing_lock_until": "started",
     "unique_on_duplicate": "raise",
+    "unique_lock_timeout": 60.0,
+    "unique_on_locked": "order",
 }
 
 
@@ -41,6 +44,10 @@ class UniqueOptions(TypedDict, total=False):
     on_duplicate: str
     queueing_lock_timeout: float
     queueing_lock_until: str
+    lock: LockSpec
+    on_locked: str
+    lock_limit: int
+    lock_timeout: float
 
 
 #: Options taken out of ``apply_async``'s keyword arguments.
@@ -83,6 +90,15 @@ def check_timeout(value: Any, *, option: str, where: str) -> float:
     return float(value)
 
 
+def check_limit(value: Any, *, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(
+            f"{where}: lock_limit must be a positive integer, got {value!r}",
+            option="lock_limit", value=value, where=where,
+        )
+    return value
+
+
 def check_choice(value: Any, choices: Sequence[str], *, option: str, where: str) -> str:
     if value not in choices:
         raise ConfigurationError(
@@ -101,6 +117,10 @@ def check_settings(app: Celery) -> None:
                  option="unique_on_duplicate", where=where)
     check_choice(setting(app, "unique_queueing_lock_until"), UNTIL,
                  option="unique_queueing_lock_until", where=where)
+    check_timeout(setting(app, "unique_lock_timeout"), option="unique_lock_timeout",
+                  where=where)
+    check_choice(setting(app, "unique_on_locked"), ON_LOCKED, option="unique_on_locked",
+                 where=where)
     options = setting(app, "unique_redis_options")
     if options is not None and not isinstance(options, dict):
         raise ConfigurationError(

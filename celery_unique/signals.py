@@ -7,10 +7,27 @@ from __future__ import annotations
 
 from celery.utils.dispatch import Signal
 
-__all__ = ["duplicate_rejected"]
+__all__ = ["duplicate_rejected", "lock_acquired", "lock_lost", "lock_released",
+           "lock_waiting"]
 
 #: Sent by the caller when an enqueue meets a held queueing lock, before it raises or
 #: returns the job already queued. Sender: the task. Arguments: ``key``, ``task_id`` (the
 #: job holding the lock), ``ttl`` (seconds left), ``args``, ``kwargs``, ``action``
 #: (``"raised"``, ``"existing"`` or ``"skipped"``).
 duplicate_rejected = Signal(name="celery_unique.duplicate_rejected")
+
+#: Sent by the worker when a job takes its lock, before it runs. Sender: the task.
+#: Arguments: ``key`` (the lock's Redis key), ``task_id``, ``fence``.
+lock_acquired = Signal(name="celery_unique.lock_acquired")
+
+#: Sent when a job finds its lock held. Arguments: ``key``, ``task_id``, ``holder`` (a job
+#: holding it), ``action`` (``"parked"``, ``"retry"``, ``"skipped"`` or ``"waiting"`` in
+#: eager mode).
+lock_waiting = Signal(name="celery_unique.lock_waiting")
+
+#: Sent when a job that held its lock ends. Arguments: ``key``, ``task_id``, ``state``.
+lock_released = Signal(name="celery_unique.lock_released")
+
+#: Sent from the renewing thread when a running job's lease was found lost (another job
+#: may hold the lock now). Arguments: ``key``, ``task_id``.
+lock_lost = Signal(name="celery_unique.lock_lost")

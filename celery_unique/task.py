@@ -6,7 +6,7 @@ import inspect
 import logging
 import sys
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from celery import Celery, Task, signals
@@ -26,12 +26,15 @@ from .keys import (
     compile_spec,
     task_signature,
 )
-from .scripts import PendingAcquire, Store, get_store, release_quietly
+from .lock import Lock, acquire_lock, release_lock
+from .scripts import Pending, Store, get_store, release_quietly
 from .settings import (
     CALL_OPTIONS,
     ON_DUPLICATE,
+    ON_LOCKED,
     UNTIL,
     check_choice,
+    check_limit,
     check_settings,
     check_timeout,
     setting,
@@ -40,7 +43,8 @@ from .settings import (
 
 __all__ = ["HEADER", "UniqueTask"]
 
-_VALUE_OPTIONS = ("on_duplicate", "queueing_lock_timeout", "queueing_lock_until")
+_VALUE_OPTIONS = ("on_duplicate", "queueing_lock_timeout", "queueing_lock_until", "on_locked",
+                  "lock_timeout")
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +72,22 @@ class UniqueTask(Task):  # type: ignore[misc]
     queueing_lock_timeout: float | None = None
     #: ``"started"`` (released when a worker starts the job) or ``"finished"``.
     queueing_lock_until: str | None = None
+    #: The execution lock: a template or callable naming a shared resource, ``True``
+    #: (this task with its arguments, honouring ``unique_on``) or ``None`` (off).
+    lock: LockSpec = None
+    #: When the lock is held: ``"order"`` (wait in line, in creation order), ``"retry"``
+    #: (re-queued with a countdown) or ``"skip"``.
+    on_locked: str | None = None
+    #: How many jobs may hold the lock at once.
+    lock_limit: int | None = None
+    #: The lock's lease in seconds, renewed every third of it while the job runs.
+    lock_timeout: float | None = None
 
     Request = "celery_unique.request:UniqueRequest"
 
     _unique_binder: ClassVar[Binder | None] = None
     _unique_queueing: ClassVar[CompiledSpec | None] = None
+    _unique_lock: ClassVar[CompiledSpec | None] = None
     _unique_defaults: ClassVar[dict[str, Any]] = {}
     _unique_store_obj: ClassVar[Store | None] = None
 
@@ -92,23 +107,27 @@ class UniqueTask(Task):  # type: ignore[misc]
         cls._unique_queueing = cls._unique_compile(
             {"queueing_lock": cls.queueing_lock, "unique_on": cls.unique_on}
         )
-        per_task = {name: getattr(cls, name) for name in _VALUE_OPTIONS}
+        cls._unique_lock = cls._unique_compile(
+            {"lock": cls.lock, "unique_on": cls.unique_on}, option="lock")
+        per_task = {name: getattr(cls, name) for name in (*_VALUE_OPTIONS, "lock_limit")}
         cls._unique_check_values(per_task, where=cls.name)
         # Resolved once, as Celery resolves its own task settings (``from_config``) at
         # bind time: reading Celery's configuration costs more than the lock itself.
         cls._unique_defaults = {
-            name: setting(app, f"unique_{name}") if value is None else value
-            for name, value in per_task.items()
+            name: setting(app, f"unique_{name}") if per_task[name] is None else per_task[name]
+            for name in _VALUE_OPTIONS
         }
         cls._unique_defaults["key_prefix"] = setting(app, "unique_key_prefix")
+        cls._unique_defaults["lock_limit"] = cls.lock_limit or 1
         cls._unique_store_obj = None
 
     @classmethod
-    def _unique_compile(cls, options: Mapping[str, Any]) -> CompiledSpec | None:
+    def _unique_compile(cls, options: Mapping[str, Any], option: str = "queueing_lock"
+                        ) -> CompiledSpec | None:
         binder = cls._unique_binder
         assert binder is not None
         unique_on = check_unique_on(options.get("unique_on"), task_name=cls.name, binder=binder)
-        return compile_spec(options.get("queueing_lock"), option="queueing_lock",
+        return compile_spec(options.get(option), option=option,
                             task_name=cls.name, binder=binder, unique_on=unique_on)
 
     @staticmethod
@@ -122,6 +141,12 @@ class UniqueTask(Task):  # type: ignore[misc]
         if options.get("queueing_lock_until") is not None:
             check_choice(options["queueing_lock_until"], UNTIL, option="queueing_lock_until",
                          where=where)
+        if options.get("on_locked") is not None:
+            check_choice(options["on_locked"], ON_LOCKED, option="on_locked", where=where)
+        if options.get("lock_timeout") is not None:
+            check_timeout(options["lock_timeout"], option="lock_timeout", where=where)
+        if options.get("lock_limit") is not None:
+            check_limit(options["lock_limit"], where=where)
 
     def _unique_option(self, name: str, per_call: Mapping[str, Any]) -> Any:
         value = per_call.get(name)
@@ -185,27 +210,63 @@ class UniqueTask(Task):  # type: ignore[misc]
             # queue, so it takes its lock again. It is published whatever the answer: a
             # retry is never dropped because another job took the lock meanwhile.
             info = headers[HEADER]
-            ttl_ms = int(info["t"] + 1000 * wait_seconds(options.get("countdown"),
-                                                         options.get("eta")))
-            self._unique_store().acquire_queueing_lock(info["q"], task_id, ttl_ms)
+            if info.get("q"):
+                ttl_ms = int(info["t"] + 1000 * wait_seconds(options.get("countdown"),
+                                                             options.get("eta")))
+                self._unique_store().acquire_queueing_lock(info["q"], task_id, ttl_ms)
             return publish(task_id)
 
         spec = self._unique_check_call(per_call)
-        if spec is None:
+        lock_spec = self._unique_lock_spec(per_call)
+        if spec is None and lock_spec is None:
             return publish(task_id)
         args, kwargs = tuple(args or ()), dict(kwargs or {})
+        wait = wait_seconds(options.get("countdown"), options.get("eta"))
+        task_id = task_id or uuid()
+        store = self._unique_store()
+        app = self._get_app()
+        eager = app.conf.task_always_eager
+        sent: dict[str, Any] = {}
+        lock = line = None
+        if lock_spec is not None:
+            lock = self._unique_make_lock(lock_spec, args, kwargs, per_call)
+            sent.update(lock.header())
+            # "order": the job's place in line is its creation order, taken now. A job
+            # with a countdown or eta takes its place when it reaches a worker.
+            if lock.mode == "order" and not wait and not eager:
+                line = lock
+        entered: list[Pending] = []
+
+        def enter_line() -> None:
+            if line is not None:
+                entered.append(store.send_enter_line(line.base, task_id, line.wait_ms))
+
+        def leave_line() -> None:
+            for pending in entered:
+                pending.settle()
+            if entered and line is not None:
+                release_lock(self, task_id, line, "publish failed")
+
+        if spec is None:
+            options["headers"] = {**headers, HEADER: sent}
+            enter_line()
+            try:
+                return publish(task_id)
+            except BaseException:
+                leave_line()
+                raise
+            finally:
+                for pending in entered:
+                    pending.settle()
+
         timeout = self._unique_option("queueing_lock_timeout", per_call)
         until = self._unique_option("queueing_lock_until", per_call)
         on_duplicate = self._unique_option("on_duplicate", per_call)
         key = build_key(self._unique_defaults["key_prefix"], "q", self.name,
                         spec.render(args, kwargs))
         lease_ms = int(timeout * 1000)
-        ttl_ms = lease_ms + int(1000 * wait_seconds(options.get("countdown"),
-                                                    options.get("eta")))
-        task_id = task_id or uuid()
-        store = self._unique_store()
-        app = self._get_app()
-        if app.conf.task_always_eager:
+        ttl_ms = lease_ms + int(1000 * wait)
+        if eager:
             # Eager mode runs the job in line, without routing or producer: wait first.
             pending = store.send_acquire_now(key, task_id, ttl_ms)
             where = "now"
@@ -214,24 +275,25 @@ class UniqueTask(Task):  # type: ignore[misc]
             # trip overlaps Celery's message building instead of preceding it.
             pending = store.send_acquire(key, task_id, ttl_ms)
             where = "route" if key in store.held_keys or options.get("connection") else "publish"
-        options["headers"] = {**headers, HEADER: {"q": key, "until": until, "t": lease_ms}}
+        sent.update(q=key, until=until, t=lease_ms)
+        options["headers"] = {**headers, HEADER: sent}
         try:
             if where == "now":
-                _check(pending)
+                _check(pending, enter_line)
                 return publish(task_id)
             if where == "route":
                 # A key found held moments ago (duplicates come in bursts) is checked
                 # when Celery routes the message, before it builds it; so is a message
                 # Celery sends on a ``connection`` of its own.
                 options["router"] = _GatedRouter(options.get("router") or app.amqp.router,
-                                                 pending)
+                                                 pending, enter_line)
                 result = publish(task_id)
                 store.held_keys.pop(key, None)
                 return result
             # Else the reply is read when Celery first uses the producer, once the message
             # is built: most of the round trip is hidden.
             with app.producer_or_acquire(producer) as real_producer:
-                return publish(task_id, _GatedProducer(real_producer, pending))
+                return publish(task_id, _GatedProducer(real_producer, pending, enter_line))
         except _Duplicate as duplicate:
             store.remember_held(key)
             return self._unique_duplicate(key, duplicate.holder, duplicate.pttl,
@@ -239,11 +301,35 @@ class UniqueTask(Task):  # type: ignore[misc]
         except BaseException:
             # The message was not published (or, in eager mode, the job raised): the lock
             # would otherwise block this key until its lease runs out.
-            if pending.settle():
+            if (pending.settle() or (False,))[0]:
                 release_quietly(store, key, task_id, "publish failed")
+            leave_line()
             raise
         finally:
             pending.settle()
+            for pending in entered:
+                pending.settle()
+
+    def _unique_lock_spec(self, per_call: Mapping[str, Any]) -> CompiledSpec | None:
+        if "lock" not in per_call and "unique_on" not in per_call:
+            return self._unique_lock
+        return self._unique_compile({
+            "lock": per_call.get("lock", self.lock),
+            "unique_on": per_call.get("unique_on", self.unique_on),
+        }, option="lock")
+
+    def _unique_make_lock(self, spec: CompiledSpec, args: Sequence[Any],
+                          kwargs: Mapping[str, Any], per_call: Mapping[str, Any]) -> Lock:
+        # A string or callable names a shared resource: no task name in the key, so
+        # different tasks exclude each other. True is scoped to this task.
+        scope = self.name if spec.kind == "all" else ""
+        return Lock(
+            build_key(self._unique_defaults["key_prefix"], "l", scope, spec.render(args, kwargs)),
+            self._unique_option("on_locked", per_call),
+            int(self._unique_option("lock_limit", per_call)),
+            int(self._unique_option("lock_timeout", per_call) * 1000),
+            int(self._unique_option("queueing_lock_timeout", per_call) * 1000),
+        )
 
     def _unique_duplicate(
         self,
@@ -291,10 +377,21 @@ class UniqueTask(Task):  # type: ignore[misc]
             # Called as a plain function (or recursively): no lock of ours is involved.
             return super().__call__(*args, **kwargs)
         request._unique_started = True
-        info = _header(request)
-        if info is not None and info.get("until") == "started":
+        info = _header(request) or {}
+        lock = Lock.from_header(info)
+        if lock is None and self._unique_lock is not None and not info:
+            # Sent without apply_async (send_task) or run with apply(): the job takes its
+            # place in line now.
+            lock = self._unique_make_lock(self._unique_lock, args, kwargs, {})
+        queueing_key = info.get("q") if info.get("until") == "started" else None
+        if lock is not None:
+            # Raises Ignore when the job must not run now (parked, re-queued, skipped).
+            acquire_lock(self, lock, queueing_key)
+            if queueing_key:
+                request._unique_released = True  # the lock's script released it
+        elif queueing_key:
             request._unique_released = True
-            release_quietly(self._unique_store(), info["q"], request.id, "job started")
+            release_quietly(self._unique_store(), queueing_key, request.id, "job started")
         # The tracer has already pushed this task and its request; Task.__call__ would
         # push a fresh request without the job's id.
         return self.run(*args, **kwargs)
@@ -302,11 +399,18 @@ class UniqueTask(Task):  # type: ignore[misc]
     def _unique_finish(self, state: str, retval: Any) -> None:
         """Release what the job holds at its end; called for every state (task_postrun)."""
         request = self.request
+        if getattr(request, "_unique_parked", False):
+            return  # waiting for its lock: it keeps its place and its queueing lock
+        lock = getattr(request, "_unique_lock", None)
+        if lock is not None:
+            request._unique_lock = None
+            # Every end releases the lock, a retry too: it goes to the back of the line.
+            release_lock(self, request.id, lock, state)
         info = _header(request)
-        if info is None or getattr(request, "_unique_released", False):
+        if info is None or not info.get("q") or getattr(request, "_unique_released", False):
             return
         if state == RETRY and not request.is_eager:
-            return  # the retry's message holds the lock now
+            return  # the retry's message holds the queueing lock now
         if state == REJECTED and getattr(retval, "requeue", False):
             return  # the message goes back to the queue and will run again
         request._unique_released = True
@@ -321,23 +425,24 @@ class _Duplicate(Exception):
         self.holder, self.pttl = holder, pttl
 
 
-def _check(pending: PendingAcquire) -> None:
+def _check(pending: Pending, then: Callable[[], None]) -> None:
     taken, holder, pttl = pending.result()
     if not taken:
         raise _Duplicate(holder, pttl)
+    then()
 
 
 class _GatedRouter:
     """The router Celery gets for one message: routing, the first thing Celery does with
     a message, waits for the lock's reply and stops the message on a duplicate."""
 
-    __slots__ = ("_pending", "_router")
+    __slots__ = ("_pending", "_router", "_then")
 
-    def __init__(self, router: Any, pending: PendingAcquire) -> None:
-        self._router, self._pending = router, pending
+    def __init__(self, router: Any, pending: Pending, then: Callable[[], None]) -> None:
+        self._router, self._pending, self._then = router, pending, then
 
     def route(self, *args: Any, **kwargs: Any) -> Any:
-        _check(self._pending)
+        _check(self._pending, self._then)
         return self._router.route(*args, **kwargs)
 
 
@@ -346,24 +451,24 @@ class _GatedProducer:
     built the message) waits for the lock's reply and stops the publish on a duplicate.
     """
 
-    __slots__ = ("_pending", "_producer")
+    __slots__ = ("_pending", "_producer", "_then")
 
-    def __init__(self, producer: Any, pending: PendingAcquire) -> None:
-        self._producer = producer
-        self._pending: PendingAcquire | None = pending
+    def __init__(self, producer: Any, pending: Pending, then: Callable[[], None]) -> None:
+        self._producer, self._then = producer, then
+        self._pending: Pending | None = pending
 
     def __getattr__(self, name: str) -> Any:
         pending = self._pending
         if pending is not None:
             self._pending = None
-            _check(pending)
+            _check(pending, self._then)
         return getattr(self._producer, name)
 
 
 def _header(request: Any) -> dict[str, Any] | None:
     headers = getattr(request, "headers", None) or {}
     info = headers.get(HEADER) or getattr(request, HEADER, None)
-    return info if isinstance(info, dict) and info.get("q") else None
+    return info if isinstance(info, dict) and (info.get("q") or info.get("l")) else None
 
 
 def _on_task_postrun(sender: Any = None, state: str = "", retval: Any = None,

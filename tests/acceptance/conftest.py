@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Worker:
-    def __init__(self, server: RedisServer, concurrency: int = 2) -> None:
+    def __init__(self, server: RedisServer, concurrency: int = 2, name: str = "accept",
+                 queues: str = "celery") -> None:
         self.server = server
         self.log = Path(tempfile.mkstemp(prefix="celery-unique-worker-", suffix=".log")[1])
         env = {**os.environ, "CELERY_UNIQUE_TEST_REDIS": server.url,
@@ -26,8 +27,8 @@ class Worker:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tests.acceptance.tasks", "worker",
              "-P", "prefork", "-c", str(concurrency), "-l", "INFO", "--without-gossip",
-             "--without-mingle", "--without-heartbeat", "-n", f"accept-{os.getpid()}@%h",
-             f"--logfile={self.log}"],
+             "--without-mingle", "--without-heartbeat", "-n", f"{name}-{os.getpid()}@%h",
+             "-Q", queues, f"--logfile={self.log}"],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
 

@@ -6,7 +6,9 @@ when a job runs, ``go:<token>`` lets a holding job finish.
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import signal
 import time
 from typing import Any
@@ -107,3 +109,43 @@ def noop(token: str) -> str:
 @app.task(base=UniqueTask, queueing_lock="step", name="acceptance.step")
 def step(value: Any) -> Any:
     return value
+
+
+# -- the execution lock ----------------------------------------------------------------
+
+
+@app.task(base=UniqueTask, lock="{path}", lock_timeout=3, name="acceptance.write_alphabet",
+          queue="locks")
+def write_alphabet(path: str, letter: str) -> None:
+    """The seed's example: letters written in creation order, whatever the workers."""
+    time.sleep(random.random() * 0.05)
+    with open(path, "a") as f:
+        f.write(letter)
+
+
+@app.task(base=UniqueTask, lock="{resource}", lock_timeout=3, name="acceptance.interval",
+          queue="locks", bind=True)
+def interval(self: Any, run: str, resource: str, n: int) -> None:
+    """Records when it held its lock: [resource, start, end, n, fence]."""
+    start = time.time()
+    time.sleep(random.random() * 0.01)
+    coord.rpush(f"intervals:{run}", json.dumps(
+        [resource, start, time.time(), n, self.request.lock_fence]))
+
+
+@app.task(base=UniqueTask, lock="long_{run}", lock_timeout=1, name="acceptance.long_job",
+          queue="locks", bind=True)
+def long_job(self: Any, run: str, seconds: float, n: int) -> None:
+    start = time.time()
+    coord.set(f"started:{run}:{n}", 1)
+    time.sleep(seconds)
+    coord.rpush(f"intervals:{run}", json.dumps(
+        ["long", start, time.time(), n, self.request.lock_fence, self.request.lock_lost]))
+
+
+@app.task(base=UniqueTask, lock="kill_{run}", lock_timeout=2, name="acceptance.kill_holder",
+          queue="locks", bind=True)
+def kill_holder(self: Any, run: str, n: int, kill: bool = False) -> None:
+    coord.rpush(f"starts:{run}", json.dumps([n, time.time()]))
+    if kill:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -178,3 +178,31 @@ def test_connections_killed_or_scripts_flushed_between_calls(redis_app: Celery) 
             t.delay(n)
         assert info.value.task_id == first.id
     assert broker(redis_app).llen(QUEUE(redis_app)) == 3
+
+
+def test_uncontended_locked_job_costs_two_round_trips(redis_app: Celery) -> None:
+    """Take (which also releases the queueing lock) and release: two EVALSHA."""
+    redis_app.conf.task_always_eager = True
+
+    @redis_app.task(base=UniqueTask, queueing_lock="q_{n}", lock="l_{n}", shared=False)
+    def t(n: int) -> int:
+        return n
+
+    t.delay(-1)  # warm up: connections and SCRIPT LOADs
+    r = client(redis_app)
+    before = commandstats(r)
+    for n in range(10):
+        t.apply((n,))  # the job alone
+    middle = commandstats(r)
+    for n in range(10):
+        t.delay(n)  # enqueue (queueing lock) and run in line
+    after = commandstats(r)
+    assert middle["cmdstat_evalsha"] - before["cmdstat_evalsha"] == 20
+    assert after["cmdstat_evalsha"] - middle["cmdstat_evalsha"] == 30
+    clients = {k for k in after if after[k] != before.get(k)} - {
+        "cmdstat_info", "cmdstat_evalsha", "cmdstat_time", "cmdstat_get", "cmdstat_set",
+        "cmdstat_del", "cmdstat_pttl", "cmdstat_zadd", "cmdstat_zrem", "cmdstat_zscore",
+        "cmdstat_zcard", "cmdstat_zrangebyscore", "cmdstat_zrange", "cmdstat_hdel",
+        "cmdstat_hexists", "cmdstat_hget"}
+    assert clients == set()  # everything else ran inside the scripts
+    assert [k for k in r.keys("*") if not k.endswith(b":seq")] == []

@@ -1,0 +1,318 @@
+"""The execution lock at run time: take, wait, renew, release, and wake the next job.
+
+A job takes its lock when the worker is about to run it (``UniqueTask.__call__``). When
+the lock is held, ``on_locked`` decides: ``"order"`` parks the job's message in Redis and
+frees the worker slot (the job that releases the lock publishes it again, in line order),
+``"retry"`` publishes it again with a countdown, ``"skip"`` drops it. While a job runs,
+a thread renews its lease every third of it; every worker sweeps, a few times a second,
+the locks whose holder may have died, so parked jobs never wait on a dead worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from celery import Celery, Task, signals
+from celery.canvas import Signature
+from celery.exceptions import Ignore
+from celery.states import REVOKED
+from kombu.serialization import dumps, loads
+
+from . import signals as unique_signals
+from .exceptions import LockHeld
+from .scripts import Store, get_store
+
+__all__ = ["Lock", "acquire_lock", "release_lock", "sweep"]
+
+logger = logging.getLogger(__name__)
+
+#: How often each worker sweeps the locks that have parked jobs (seconds).
+SWEEP_INTERVAL = 0.25
+#: The registry of locks with parked jobs, swept by every worker (members:
+#: ``"limit|lease ms|base"``, scores: when to look next, ms since the epoch).
+WAITING = "waiting"
+# Eager mode waits in the caller, asking again after these many seconds (doubling).
+_EAGER_POLL = (0.005, 0.1)
+# "retry": the countdown before asking again (doubling per attempt, capped).
+_RETRY_COUNTDOWN = (0.1, 5.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lock:
+    """One job's execution lock, as carried in its message header."""
+
+    base: str  #: the lock's Redis key prefix (``prefix:l:{name}``)
+    mode: str  #: on_locked
+    limit: int
+    lease_ms: int
+    wait_ms: int  #: how long a line entry may take to reach a worker
+
+    def header(self) -> dict[str, Any]:
+        return {"l": self.base, "o": self.mode, "n": self.limit, "lt": self.lease_ms,
+                "lw": self.wait_ms}
+
+    @classmethod
+    def from_header(cls, info: dict[str, Any]) -> Lock | None:
+        if not info.get("l"):
+            return None
+        return cls(info["l"], info["o"], int(info["n"]), int(info["lt"]), int(info["lw"]))
+
+
+# -- taking the lock ---------------------------------------------------------------------
+
+def acquire_lock(task: Task, lock: Lock, queueing_key: str | None) -> None:
+    """Take ``lock`` for the running job, or raise Ignore when it must not run now.
+
+    Before raising, the job is parked, re-queued or skipped, and marked so that the end
+    of this run releases nothing it does not hold.
+    """
+    request = task.request
+    store = get_store(task.app)
+    token = request.id
+    delay = _EAGER_POLL[0]
+    while True:
+        reply = store.lock("acquire", lock.base, [token, lock.limit, lock.lease_ms, lock.mode,
+                                                  lock.wait_ms], queueing_key)
+        if reply[0] == 1:
+            _held(task, store, lock, int(reply[1]))
+            return
+        holder = _text(reply[1])
+        _publish_woken(task.app, reply[3:])
+        if request.is_eager and lock.mode != "skip":
+            # The caller is the worker: it waits for its turn (its place in line is kept
+            # while it keeps asking).
+            _waiting(task, lock, holder, "waiting")
+            time.sleep(delay)
+            delay = min(delay * 2, _EAGER_POLL[1])
+            continue
+        if lock.mode == "skip":
+            _skip(task, lock, holder)
+            raise Ignore()
+        request._unique_parked = True
+        if lock.mode == "retry":
+            _waiting(task, lock, holder, "retry")
+            _requeue(task, lock)
+        else:
+            message = _message(task)
+            reply = store.lock("park", lock.base, [token, lock.limit, lock.lease_ms, message])
+            _publish_woken(task.app, reply[3:])
+            _waiting(task, lock, holder, "parked")
+            _watch(store, lock)
+        raise Ignore()
+
+
+def _held(task: Task, store: Store, lock: Lock, fence: int) -> None:
+    request = task.request
+    request.lock_fence = fence
+    request.lock_lost = False
+    request._unique_lock = lock
+    _renewer.add(request.id, store, lock, task, request)
+    unique_signals.lock_acquired.send(sender=task, key=lock.base, task_id=request.id,
+                                      fence=fence)
+
+
+def _waiting(task: Task, lock: Lock, holder: str, action: str) -> None:
+    unique_signals.lock_waiting.send(sender=task, key=lock.base, task_id=task.request.id,
+                                     holder=holder, action=action)
+
+
+def _skip(task: Task, lock: Lock, holder: str) -> None:
+    request = task.request
+    _waiting(task, lock, holder, "skipped")
+    exc = LockHeld(f"{task.name}[{request.id}] skipped: its lock {lock.base} is held by"
+                   f" {holder}", key=lock.base, holder=holder, task_id=request.id)
+    logger.warning("celery-unique: %s", exc)
+    # REVOKED is final (ready() is true) and neither success nor failure; get() raises
+    # this error instead of waiting for a result that will never come.
+    if not request.is_eager and not task.ignore_result:
+        task.backend.store_result(request.id, exc, REVOKED, request=request)
+    request._unique_skipped = True
+
+
+def _requeue(task: Task, lock: Lock) -> None:
+    request = task.request
+    headers = request.headers or {}
+    info = headers.get("celery_unique") or getattr(request, "celery_unique", None) or {}
+    attempt = int(info.get("w", 0))
+    countdown = min(_RETRY_COUNTDOWN[0] * 2 ** attempt, _RETRY_COUNTDOWN[1])
+    sig = task.signature_from_request(request, request.args, request.kwargs,
+                                      countdown=countdown)
+    headers = dict(sig.options.get("headers") or {})
+    headers["celery_unique"] = {**(headers.get("celery_unique") or {}), **lock.header(),
+                                "w": attempt + 1}
+    sig.options["headers"] = headers
+    # Not Task.retry: waiting for a lock does not use up max_retries, and the job keeps
+    # its queueing lock while it waits.
+    Task.apply_async(task, sig.args, sig.kwargs, **sig.options)
+
+
+def _message(task: Task) -> str:
+    """The job as a message to publish again, in the task's own serializer."""
+    request = task.request
+    sig = task.signature_from_request(request, request.args, request.kwargs)
+    content_type, encoding, data = dumps(  # type: ignore[no-untyped-call]
+        dict(sig), serializer=task.serializer)
+    if isinstance(data, bytes):
+        data = data.decode(encoding if encoding != "binary" else "latin-1")
+    return f"{content_type}\n{encoding}\n{data}"
+
+
+def republish(app: Celery, message: str) -> None:
+    """Publish a parked job again (it was handed the lock)."""
+    content_type, encoding, data = message.split("\n", 2)
+    raw: Any = data.encode("latin-1") if encoding == "binary" else data
+    body = loads(raw, content_type, encoding,  # type: ignore[no-untyped-call]
+                 accept=[content_type])
+    sig = Signature(body, app=app)
+    task = app.tasks[sig.task]
+    # Task.apply_async, not ours: the job already holds its queueing lock and the lock.
+    Task.apply_async(task, sig.args, sig.kwargs, **sig.options)
+
+
+def _publish_woken(app: Celery, woken: list[Any]) -> None:
+    for i in range(0, len(woken) - 1, 2):
+        token, message = _text(woken[i]), _text(woken[i + 1])
+        try:
+            republish(app, message)
+        except Exception:
+            # Its place is kept: the lease it was handed runs out, and it goes back to
+            # the front of the line, published again by the next release or sweep.
+            logger.exception("celery-unique: could not publish %s, handed its lock", token)
+
+
+def _watch(store: Store, lock: Lock) -> None:
+    """Register the lock for the sweepers: its holder may die without releasing."""
+    member = f"{lock.limit}|{lock.lease_ms}|{lock.base}"
+    store.client.zadd(_waiting_key(lock.base), {member: time.time() * 1000 + lock.lease_ms})
+
+
+def _waiting_key(base: str) -> str:
+    return f"{base.split(':l:', 1)[0]}:l:{WAITING}"
+
+
+# -- releasing ---------------------------------------------------------------------------
+
+def release_lock(task: Task, token: str, lock: Lock, state: str, app: Celery | None = None
+                 ) -> None:
+    """Release the job's lock (or its place in line) and publish the jobs it wakes."""
+    app = app or task.app
+    _renewer.remove(token)
+    try:
+        reply = get_store(app).lock("release", lock.base, [token, lock.limit, lock.lease_ms])
+    except Exception:
+        logger.exception("celery-unique: could not release %s for %s", lock.base, token)
+        return
+    _publish_woken(app, reply[1:])
+    if reply[0]:
+        unique_signals.lock_released.send(sender=task, key=lock.base, task_id=token,
+                                          state=state)
+
+
+# -- sweeping ----------------------------------------------------------------------------
+
+def sweep(app: Celery) -> int:
+    """Hand the places of expired leases to parked jobs; returns how many were woken."""
+    store = get_store(app)
+    from .settings import setting
+
+    key = f"{setting(app, 'unique_key_prefix')}:l:{WAITING}"
+    now = time.time() * 1000
+    woken = 0
+    for member in store.client.zrangebyscore(key, "-inf", now, start=0, num=100):
+        limit, lease_ms, base = _text(member).split("|", 2)
+        reply = store.lock("sweep", base, [limit, lease_ms])
+        woken += (len(reply) - 1) // 2
+        _publish_woken(app, reply[1:])
+        if int(reply[0]) < 0:
+            store.client.zrem(key, member)
+        else:
+            store.client.zadd(key, {member: now + max(int(reply[0]), 50)})
+    return woken
+
+
+def _start_sweeping(sender: Any = None, **_: Any) -> None:
+    app = sender.app
+
+    def run() -> None:
+        try:
+            sweep(app)
+        except Exception:
+            logger.exception("celery-unique: sweeping the locks failed")
+
+    sender.timer.call_repeatedly(SWEEP_INTERVAL, run)
+
+
+signals.worker_ready.connect(_start_sweeping, weak=False)
+
+
+# -- renewing ----------------------------------------------------------------------------
+
+class _Renewer:
+    """One thread per process renews the leases of the jobs running in it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._jobs: dict[str, tuple[Store, Lock, Task, Any]] = {}
+        self._due: list[tuple[float, str]] = []
+        self._pid = 0
+
+    def add(self, token: str, store: Store, lock: Lock, task: Task, request: Any) -> None:
+        with self._cond:
+            if self._pid != os.getpid():  # first use in this (forked) process
+                self._pid = os.getpid()
+                self._jobs.clear()
+                self._due.clear()
+                threading.Thread(target=self._run, name="celery-unique-renew",
+                                 daemon=True).start()
+            self._jobs[token] = (store, lock, task, request)
+            heapq.heappush(self._due, (time.monotonic() + lock.lease_ms / 3000, token))
+            self._cond.notify()
+
+    def remove(self, token: str) -> None:
+        with self._cond:
+            self._jobs.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    while self._due and self._due[0][1] not in self._jobs:
+                        heapq.heappop(self._due)
+                    wait = self._due[0][0] - time.monotonic() if self._due else None
+                    if wait is not None and wait <= 0:
+                        token = heapq.heappop(self._due)[1]
+                        store, lock, task, request = self._jobs[token]
+                        break
+                    self._cond.wait(wait)
+            self._renew(token, store, lock, task, request)
+
+    def _renew(self, token: str, store: Store, lock: Lock, task: Task, request: Any) -> None:
+        try:
+            kept = store.lock("extend", lock.base, [token, lock.lease_ms])
+        except Exception:
+            logger.exception("celery-unique: could not renew %s for %s", lock.base, token)
+            kept = 1  # try again; the lease tells whether it was lost meanwhile
+        with self._cond:
+            if token not in self._jobs:
+                return
+            if kept:
+                heapq.heappush(self._due, (time.monotonic() + lock.lease_ms / 3000, token))
+                return
+            self._jobs.pop(token, None)
+        request.lock_lost = True
+        logger.error("celery-unique: %s[%s] lost its lock %s: its lease ran out, another"
+                     " job may hold it now", task.name, token, lock.base)
+        unique_signals.lock_lost.send(sender=task, key=lock.base, task_id=token)
+
+
+_renewer = _Renewer()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,159 @@
+"""The execution lock with real ``celery worker`` subprocesses (prefork, 4 processes)."""
+
+from __future__ import annotations
+
+import json
+import string
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from celery_unique.testing import RedisServer, wait_for
+
+from .conftest import Worker
+
+pytestmark = pytest.mark.acceptance
+
+
+@pytest.fixture(scope="module")
+def lock_worker(worker: Worker, unique_redis_server: RedisServer) -> Iterator[Worker]:
+    w = Worker(unique_redis_server, concurrency=4, name="locks", queues="locks")
+    try:
+        w.wait_ready()
+        yield w
+    finally:
+        w.stop()
+
+
+@pytest.fixture
+def tasks(lock_worker: Worker) -> Any:
+    from tests.acceptance import tasks
+
+    return tasks
+
+
+def run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def intervals(coord: redis.Redis, run: str) -> list[list[Any]]:
+    return [json.loads(x) for x in coord.lrange(f"intervals:{run}", 0, -1)]
+
+
+def no_lock_keys(store: redis.Redis, part: str) -> bool:
+    return not [k for k in store.keys(f"*{part}*") if not k.endswith(b":seq")]
+
+
+def max_overlap(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    current = peak = 0
+    for _, delta in events:
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+def alphabet(tasks: Any) -> str:
+    path = Path(tempfile.mkdtemp()) / "alphabet.txt"
+    for letter in string.ascii_lowercase:
+        tasks.write_alphabet.delay(str(path), letter)
+    wait_for(lambda: path.exists() and len(path.read_text()) == 26, timeout=60,
+             what="26 letters")
+    return path.read_text()
+
+
+def test_alphabet_in_order_with_four_processes(tasks: Any, store: Any) -> None:
+    assert alphabet(tasks) == string.ascii_lowercase
+    assert no_lock_keys(store, "alphabet")
+
+
+def test_alphabet_in_order_with_two_workers(
+    tasks: Any, store: Any, unique_redis_server: RedisServer
+) -> None:
+    second = Worker(unique_redis_server, concurrency=2, name="locks2", queues="locks")
+    try:
+        second.wait_ready()
+        assert alphabet(tasks) == string.ascii_lowercase
+    finally:
+        second.stop()
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_no_overlap_over_300_jobs(tasks: Any, coord: Any, store: Any, limit: int) -> None:
+    run = run_id()
+    for n in range(300):
+        tasks.interval.apply_async((run, f"res-{run}-{n % 10}", n), lock_limit=limit)
+    wait_for(lambda: coord.llen(f"intervals:{run}") == 300, timeout=120, what="300 jobs")
+    rows = intervals(coord, run)
+    assert sorted(r[3] for r in rows) == list(range(300))  # each ran exactly once
+    for value in range(10):
+        mine = [r for r in rows if r[0] == f"res-{run}-{value}"]
+        assert max_overlap([(r[1], r[2]) for r in mine]) <= limit
+        # creation order, and fences strictly increasing in that order
+        by_start = sorted(mine, key=lambda r: r[1])
+        if limit == 1:
+            assert [r[3] for r in by_start] == sorted(r[3] for r in mine)
+        fences = [r[4] for r in sorted(mine, key=lambda r: r[3])]
+        assert fences == sorted(fences) and len(set(fences)) == len(fences)
+    wait_for(lambda: no_lock_keys(store, f"res-{run}"), timeout=10, what="no lock left")
+
+
+def test_long_job_keeps_its_lock_by_renewal(tasks: Any, coord: Any, store: Any) -> None:
+    run = run_id()
+    tasks.long_job.delay(run, 3.0, 0)  # 3x its 1 s lease
+    tasks.long_job.delay(run, 0.0, 1)
+    wait_for(lambda: coord.llen(f"intervals:{run}") == 2, timeout=30, what="both jobs")
+    first, second = sorted(intervals(coord, run), key=lambda r: r[3])
+    assert first[2] <= second[1], "the second job started while the first held the lock"
+    assert first[5] is False  # lock_lost
+    assert second[4] > first[4]  # fence
+    wait_for(lambda: no_lock_keys(store, f"long_{run}"), timeout=10, what="no lock left")
+
+
+def test_killed_pool_process_frees_the_lock(tasks: Any, coord: Any, store: Any) -> None:
+    run = run_id()
+    tasks.kill_holder.delay(run, 0, kill=True)
+    tasks.kill_holder.delay(run, 1)
+    tasks.kill_holder.delay(run, 2)
+    wait_for(lambda: coord.llen(f"starts:{run}") == 3, timeout=30, what="three starts")
+    starts = [json.loads(x) for x in coord.lrange(f"starts:{run}", 0, -1)]
+    assert [n for n, _ in starts] == [0, 1, 2]  # no waiting job lost, order kept
+    # The lease is 2 s and renewed every 2/3 s: the next job starts within that.
+    assert starts[1][1] - starts[0][1] < 2 + 2 / 3
+    wait_for(lambda: no_lock_keys(store, f"kill_{run}"), timeout=10, what="no lock left")
+
+
+def test_creation_order_beats_delivery_order(tasks: Any, store: Any) -> None:
+    """b, c and d reach a worker before a: they wait for it, as they were created after."""
+    path = Path(tempfile.mkdtemp()) / "alphabet.txt"
+    later = f"later-{run_id()}"
+    tasks.write_alphabet.apply_async((str(path), "a"), queue=later)
+    for letter in "bcd":
+        tasks.write_alphabet.delay(str(path), letter)
+
+    def parked() -> int:
+        return sum(store.hlen(k) for k in store.keys("*alphabet.txt*:parked")
+                   if str(path.parent.name).encode() in k)
+
+    wait_for(lambda: parked() == 3, timeout=30, what="b, c and d to wait for a")
+    assert not path.exists()
+    tasks.app.control.add_consumer(later, reply=True)
+    wait_for(lambda: path.exists() and len(path.read_text()) == 4, timeout=30, what="abcd")
+    assert path.read_text() == "abcd"
+
+
+def test_a_job_that_never_arrives_gives_up_its_place(tasks: Any) -> None:
+    path = Path(tempfile.mkdtemp()) / "alphabet.txt"
+    # Its message goes to a queue nobody consumes: its place in line is given up after
+    # its queueing_lock_timeout (the time a job may take to reach a worker).
+    tasks.write_alphabet.apply_async((str(path), "x"), queue=f"nowhere-{run_id()}",
+                                     queueing_lock_timeout=1)
+    for letter in "ab":
+        tasks.write_alphabet.delay(str(path), letter)
+    wait_for(lambda: path.exists() and len(path.read_text()) == 2, timeout=30, what="ab")
+    assert path.read_text() == "ab"
