@@ -157,3 +157,19 @@ def test_a_job_that_never_arrives_gives_up_its_place(tasks: Any) -> None:
         tasks.write_alphabet.delay(str(path), letter)
     wait_for(lambda: path.exists() and len(path.read_text()) == 2, timeout=30, what="ab")
     assert path.read_text() == "ab"
+
+
+def test_skipped_job_has_a_final_readable_result(tasks: Any, coord: Any, store: Any) -> None:
+    from celery_unique import LockHeld
+
+    run = run_id()
+    holder = tasks.skip_job.delay(run, hold=True)
+    wait_for(lambda: coord.get(f"started:{run}"), what="the holder to start")
+    skipped = tasks.skip_job.delay(run)
+    wait_for(skipped.ready, timeout=30, what="the skipped job's result")
+    assert skipped.state == "REVOKED"
+    with pytest.raises(LockHeld, match=holder.id):
+        skipped.get(timeout=5)
+    coord.set(f"go:{run}", 1)
+    assert holder.get(timeout=30) == "ran"
+    wait_for(lambda: no_lock_keys(store, f"skip_{run}"), timeout=10, what="no lock left")
