@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from celery.beat import ScheduleEntry, Scheduler
 
 from celery_unique import AlreadyQueued, LockStoreUnavailable, UniqueTask
 from celery_unique.scripts import get_store
+from celery_unique.testing import RedisServer
 
 
 def client(app: Celery) -> redis.Redis:
@@ -30,8 +32,17 @@ def commandstats(r: redis.Redis) -> dict[str, int]:
     return {k: v["calls"] for k, v in r.info("commandstats").items()}
 
 
-def test_enqueue_costs_one_redis_command(unique_redis_server: Any) -> None:
+@pytest.fixture
+def counting_server() -> Iterator[RedisServer]:
+    """A server of the test's own: commandstats count every client, workers' sweeps too."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+def test_enqueue_costs_one_redis_command(counting_server: RedisServer) -> None:
     """Accepted or duplicate: one EVALSHA, counted by the server itself."""
+    unique_redis_server = counting_server
     app = Celery("tests", broker="memory://", set_as_current=False)
     app.conf.unique_redis_url = f"{unique_redis_server.url}/1"
 
@@ -180,8 +191,10 @@ def test_connections_killed_or_scripts_flushed_between_calls(redis_app: Celery) 
     assert broker(redis_app).llen(QUEUE(redis_app)) == 3
 
 
-def test_uncontended_locked_job_costs_two_round_trips(redis_app: Celery) -> None:
+def test_uncontended_locked_job_costs_two_round_trips(counting_server: RedisServer) -> None:
     """Take (which also releases the queueing lock) and release: two EVALSHA."""
+    redis_app = Celery("tests", broker="memory://", set_as_current=False)
+    redis_app.conf.unique_redis_url = f"{counting_server.url}/1"
     redis_app.conf.task_always_eager = True
 
     @redis_app.task(base=UniqueTask, queueing_lock="q_{n}", lock="l_{n}", shared=False)
