@@ -27,6 +27,7 @@ from kombu.serialization import dumps, loads
 from . import signals as unique_signals
 from .exceptions import LockHeld
 from .scripts import Store, get_store
+from .settings import setting
 
 __all__ = ["Lock", "acquire_lock", "release_lock", "sweep"]
 
@@ -103,7 +104,7 @@ def acquire_lock(task: Task, lock: Lock, queueing_key: str | None) -> None:
             reply = store.lock("park", lock.base, [token, lock.limit, lock.lease_ms, message])
             _publish_woken(task.app, reply[3:])
             _waiting(task, lock, holder, "parked")
-            _watch(store, lock)
+            _watch(store, lock, waiting_key(task.app))
         raise Ignore()
 
 
@@ -186,22 +187,22 @@ def _publish_woken(app: Celery, woken: list[Any]) -> None:
             logger.exception("celery-unique: could not publish %s, handed its lock", token)
 
 
-def _watch(store: Store, lock: Lock) -> None:
+def _watch(store: Store, lock: Lock, key: str) -> None:
     """Register the lock for the sweepers: its holder may die without releasing."""
     member = f"{lock.limit}|{lock.lease_ms}|{lock.base}"
-    store.client.zadd(_waiting_key(lock.base), {member: time.time() * 1000 + lock.lease_ms})
+    store.client.zadd(key, {member: time.time() * 1000 + lock.lease_ms})
 
 
-def _waiting_key(base: str) -> str:
-    return f"{base.split(':l:', 1)[0]}:l:{WAITING}"
+def waiting_key(app: Celery) -> str:
+    """The registry of locks with parked jobs (see :data:`WAITING`)."""
+    return f"{setting(app, 'unique_key_prefix')}:l:{WAITING}"
 
 
 # -- releasing ---------------------------------------------------------------------------
 
-def release_lock(task: Task, token: str, lock: Lock, state: str, app: Celery | None = None
-                 ) -> None:
+def release_lock(task: Task, token: str, lock: Lock, state: str) -> None:
     """Release the job's lock (or its place in line) and publish the jobs it wakes."""
-    app = app or task.app
+    app = task.app
     _renewer.remove(token)
     try:
         reply = get_store(app).lock("release", lock.base, [token, lock.limit, lock.lease_ms])
@@ -219,9 +220,7 @@ def release_lock(task: Task, token: str, lock: Lock, state: str, app: Celery | N
 def sweep(app: Celery) -> int:
     """Hand the places of expired leases to parked jobs; returns how many were woken."""
     store = get_store(app)
-    from .settings import setting
-
-    key = f"{setting(app, 'unique_key_prefix')}:l:{WAITING}"
+    key = waiting_key(app)
     now = time.time() * 1000
     woken = 0
     for member in store.client.zrangebyscore(key, "-inf", now, start=0, num=100):

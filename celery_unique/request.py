@@ -35,7 +35,7 @@ class UniqueRequest(Request):  # type: ignore[misc]
         lock = Lock.from_header(info)
         if lock is not None:
             # Held, or a place in line: either way the job will not run now.
-            release_lock(self.task, self.id, lock, why, app=self.task.app)
+            release_lock(self.task, self.id, lock, why)
 
     def revoked(self) -> bool:
         revoked = bool(super().revoked())

@@ -162,7 +162,8 @@ redis.call('ZADD', KE, now + tonumber(ARGV[5]), token)
 return wake(limit, lease, {0, holder(), redis.call('ZRANK', KW, token)})
 """,
     # A waiting job leaves its message and its worker slot. ARGV: token, limit, lease ms,
-    # message. Returns as "acquire": a place freed since is taken instead of parking.
+    # message. Returns {0, a holder's token, place in line, woken...}; a place freed since
+    # the job asked is handed to the front of the line, this job included, at once.
     "park": """
 local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 expire()

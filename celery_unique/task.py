@@ -242,42 +242,37 @@ class UniqueTask(Task):  # type: ignore[misc]
                 entered.append(store.send_enter_line(line.base, task_id, line.wait_ms))
 
         def leave_line() -> None:
-            for pending in entered:
-                pending.settle()
+            for each in entered:
+                each.settle()
             if entered and line is not None:
                 release_lock(self, task_id, line, "publish failed")
 
-        if spec is None:
-            options["headers"] = {**headers, HEADER: sent}
-            enter_line()
-            try:
-                return publish(task_id)
-            except BaseException:
-                leave_line()
-                raise
-            finally:
-                for pending in entered:
-                    pending.settle()
-
-        timeout = self._unique_option("queueing_lock_timeout", per_call)
-        until = self._unique_option("queueing_lock_until", per_call)
-        on_duplicate = self._unique_option("on_duplicate", per_call)
-        key = build_key(self._unique_defaults["key_prefix"], "q", self.name,
-                        spec.render(args, kwargs))
-        lease_ms = int(timeout * 1000)
-        ttl_ms = lease_ms + int(1000 * wait)
-        if eager:
-            # Eager mode runs the job in line, without routing or producer: wait first.
-            pending = store.send_acquire_now(key, task_id, ttl_ms)
-            where = "now"
-        else:
-            # The command is sent now and its reply read while Celery works: the round
-            # trip overlaps Celery's message building instead of preceding it.
-            pending = store.send_acquire(key, task_id, ttl_ms)
-            where = "route" if key in store.held_keys or options.get("connection") else "publish"
-        sent.update(q=key, until=until, t=lease_ms)
+        pending: Pending | None = None
+        where = "lock only"
+        if spec is not None:
+            timeout = self._unique_option("queueing_lock_timeout", per_call)
+            on_duplicate = self._unique_option("on_duplicate", per_call)
+            key = build_key(self._unique_defaults["key_prefix"], "q", self.name,
+                            spec.render(args, kwargs))
+            lease_ms = int(timeout * 1000)
+            ttl_ms = lease_ms + int(1000 * wait)
+            if eager:
+                # Eager mode runs the job in line, without routing or producer: wait first.
+                pending = store.send_acquire_now(key, task_id, ttl_ms)
+                where = "now"
+            else:
+                # The command is sent now and its reply read while Celery works: the round
+                # trip overlaps Celery's message building instead of preceding it.
+                pending = store.send_acquire(key, task_id, ttl_ms)
+                where = ("route" if key in store.held_keys or options.get("connection")
+                         else "publish")
+            sent.update(q=key, t=lease_ms,
+                        until=self._unique_option("queueing_lock_until", per_call))
         options["headers"] = {**headers, HEADER: sent}
         try:
+            if pending is None:
+                enter_line()
+                return publish(task_id)
             if where == "now":
                 _check(pending, enter_line)
                 return publish(task_id)
@@ -299,16 +294,16 @@ class UniqueTask(Task):  # type: ignore[misc]
             return self._unique_duplicate(key, duplicate.holder, duplicate.pttl,
                                           on_duplicate, args, kwargs, options, headers)
         except BaseException:
-            # The message was not published (or, in eager mode, the job raised): the lock
-            # would otherwise block this key until its lease runs out.
-            if (pending.settle() or (False,))[0]:
+            # The message was not published (or, in eager mode, the job raised): its locks
+            # would otherwise block others until their leases run out.
+            if pending is not None and (pending.settle() or (False,))[0]:
                 release_quietly(store, key, task_id, "publish failed")
             leave_line()
             raise
         finally:
-            pending.settle()
-            for pending in entered:
-                pending.settle()
+            for each in (pending, *entered):
+                if each is not None:
+                    each.settle()
 
     def _unique_lock_spec(self, per_call: Mapping[str, Any]) -> CompiledSpec | None:
         if "lock" not in per_call and "unique_on" not in per_call:

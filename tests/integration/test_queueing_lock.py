@@ -42,15 +42,14 @@ def counting_server() -> Iterator[RedisServer]:
 
 def test_enqueue_costs_one_redis_command(counting_server: RedisServer) -> None:
     """Accepted or duplicate: one EVALSHA, counted by the server itself."""
-    unique_redis_server = counting_server
     app = Celery("tests", broker="memory://", set_as_current=False)
-    app.conf.unique_redis_url = f"{unique_redis_server.url}/1"
+    app.conf.unique_redis_url = f"{counting_server.url}/1"
 
     @app.task(base=UniqueTask, queueing_lock=True, shared=False)
     def t(a: int) -> None: ...
 
     t.delay(-1)  # warm up: connection set-up and the first SCRIPT LOAD
-    r = redis.Redis.from_url(unique_redis_server.url)
+    r = redis.Redis.from_url(counting_server.url)
     before = commandstats(r)
     for i in range(20):
         t.delay(i)
