@@ -74,7 +74,7 @@ def acquire_lock(task: Task, lock: Lock, queueing_key: str | None) -> None:
     of this run releases nothing it does not hold.
     """
     request = task.request
-    store = get_store(task.app)
+    store = _store(task)
     token = request.id
     delay = _EAGER_POLL[0]
     while True:
@@ -205,7 +205,7 @@ def release_lock(task: Task, token: str, lock: Lock, state: str) -> None:
     app = task.app
     _renewer.remove(token)
     try:
-        reply = get_store(app).lock("release", lock.base, [token, lock.limit, lock.lease_ms])
+        reply = _store(task).lock("release", lock.base, [token, lock.limit, lock.lease_ms])
     except Exception:
         logger.exception("celery-unique: could not release %s for %s", lock.base, token)
         return
@@ -270,8 +270,12 @@ class _Renewer:
                 threading.Thread(target=self._run, name="celery-unique-renew",
                                  daemon=True).start()
             self._jobs[token] = (store, lock, task, request)
-            heapq.heappush(self._due, (time.monotonic() + lock.lease_ms / 3000, token))
-            self._cond.notify()
+            due = time.monotonic() + lock.lease_ms / 3000
+            # The thread sleeps until the earliest due time: wake it only when this one
+            # comes first (leases are mostly alike, so a short job rarely wakes it).
+            if not self._due or due < self._due[0][0]:
+                self._cond.notify()
+            heapq.heappush(self._due, (due, token))
 
     def remove(self, token: str) -> None:
         with self._cond:
@@ -311,6 +315,13 @@ class _Renewer:
 
 
 _renewer = _Renewer()
+
+
+def _store(task: Task) -> Store:
+    # UniqueTask keeps its store on the class: looking it up per job costs more than the
+    # scripts' own Python side.
+    cached = getattr(task, "_unique_store", None)
+    return cached() if cached is not None else get_store(task.app)
 
 
 def _text(value: Any) -> str:

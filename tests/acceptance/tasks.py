@@ -158,3 +158,58 @@ def skip_job(run: str, hold: bool = False) -> str:
         coord.set(f"started:{run}", 1)
         wait_go(run)
     return "ran"
+
+
+# A lease far longer than any wait in the tests: only an explicit release frees the lock
+# in time, so a path that forgets to release fails the test instead of hiding behind it.
+LONG_LEASE = 60
+
+
+@app.task(base=UniqueTask, lock="out_{run}", lock_timeout=LONG_LEASE, time_limit=2,
+          name="acceptance.locked_outcome", queue="locks", bind=True)
+def locked_outcome(self: Any, run: str, n: int, outcome: str = "ok") -> None:
+    """Ends as told while holding its lock; records [n, retries, start, end]."""
+    start = time.time()
+    coord.rpush(f"starts:{run}", json.dumps([n, self.request.retries, start]))
+    if outcome == "raise":
+        raise RuntimeError("boom")
+    if outcome == "retry" and self.request.retries == 0:
+        raise self.retry(countdown=0.3)
+    if outcome == "stuck":
+        # Stuck where the time limit's SIGTERM cannot interrupt it (in C code): only the
+        # SIGKILL that follows ends it, so only the main process can release the lock.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(LONG_LEASE)
+    time.sleep(0.02)
+    coord.rpush(f"intervals:{run}", json.dumps([n, self.request.retries, start, time.time()]))
+
+
+@app.task(base=UniqueTask, lock="lost_{run}", lock_timeout=LONG_LEASE, acks_late=True,
+          reject_on_worker_lost=True, name="acceptance.redelivered", queue="locks",
+          bind=True)
+def redelivered(self: Any, run: str, n: int, kill: bool = False) -> None:
+    """The first run of a ``kill`` job dies mid-job; its message is delivered again."""
+    start = time.time()
+    coord.rpush(f"starts:{run}", json.dumps([n, self.request.id, start]))
+    if kill and coord.set(f"killed:{run}", 1, nx=True):
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.05)
+    coord.rpush(f"intervals:{run}", json.dumps([n, self.request.id, start, time.time()]))
+
+
+@app.task(base=UniqueTask, lock="gate_{run}", lock_timeout=LONG_LEASE,
+          name="acceptance.gated", queue="locks")
+def gated(run: str, n: int, hold: bool = False) -> None:
+    coord.rpush(f"starts:{run}", n)
+    if hold:
+        wait_go(run)
+
+
+@app.task(base=UniqueTask, lock="rm_{run}", on_locked="retry", max_retries=0,
+          name="acceptance.retry_mode", queue="locks", bind=True)
+def retry_mode(self: Any, run: str, n: int) -> None:
+    """Records [n, retries, start, end]; waiting for the lock must not count as a retry."""
+    start = time.time()
+    time.sleep(random.random() * 0.02)
+    coord.rpush(f"intervals:{run}", json.dumps([n, self.request.retries, start, time.time()]))

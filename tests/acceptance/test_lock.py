@@ -173,3 +173,105 @@ def test_skipped_job_has_a_final_readable_result(tasks: Any, coord: Any, store: 
     coord.set(f"go:{run}", 1)
     assert holder.get(timeout=30) == "ran"
     wait_for(lambda: no_lock_keys(store, f"skip_{run}"), timeout=10, what="no lock left")
+
+
+def rows(coord: redis.Redis, key: str) -> list[Any]:
+    return [json.loads(x) for x in coord.lrange(key, 0, -1)]
+
+
+def no_overlap(spans: list[list[Any]]) -> bool:
+    """Whether the [.., .., start, end] rows, in start order, never overlap."""
+    ordered = sorted(spans, key=lambda r: r[2])
+    return all(a[3] <= b[2] for a, b in zip(ordered, ordered[1:]))
+
+
+@pytest.mark.parametrize("outcome", ["raise", "retry", "stuck"])
+def test_every_end_of_a_locked_job_releases_it(
+    tasks: Any, coord: Any, store: Any, outcome: str
+) -> None:
+    """A job that raises, retries, or is killed by its hard time limit frees its lock at
+    once: the lease (60 s) is far longer than the wait, so only a release lets 1 and 2 in.
+    """
+    run = run_id()
+    first = tasks.locked_outcome.delay(run, 0, outcome)
+    tasks.locked_outcome.delay(run, 1)
+    tasks.locked_outcome.delay(run, 2)
+    done = 3 if outcome == "retry" else 2  # a first run that retries records no end
+    wait_for(lambda: coord.llen(f"intervals:{run}") == done, timeout=20,
+             what=f"the jobs after one that ended with {outcome}")
+    ended = rows(coord, f"intervals:{run}")
+    assert no_overlap(ended)
+    assert sorted((n, retries) for n, retries, *_ in ended) == (
+        [(0, 1), (1, 0), (2, 0)] if outcome == "retry" else [(1, 0), (2, 0)])
+    # 1 and 2 waited for 0 and started in creation order
+    starts = rows(coord, f"starts:{run}")
+    assert [n for n, retries, _ in starts if not retries][:3] == [0, 1, 2]
+    if outcome != "retry":
+        wait_for(first.ready, timeout=10, what="the first job's result")
+        assert first.state == "FAILURE"
+    wait_for(lambda: no_lock_keys(store, f"out_{run}"), timeout=10, what="no lock left")
+
+
+def test_a_retry_goes_to_the_back_of_the_line(tasks: Any, coord: Any, store: Any) -> None:
+    run = run_id()
+    tasks.locked_outcome.delay(run, 0, "retry")
+    for n in (1, 2):
+        tasks.locked_outcome.delay(run, n)
+    wait_for(lambda: coord.llen(f"intervals:{run}") == 3, timeout=20, what="three jobs")
+    ended = sorted(rows(coord, f"intervals:{run}"), key=lambda r: r[2])
+    # The retry waited 0.3 s and took a place after 1 and 2, which ran meanwhile.
+    assert [(n, retries) for n, retries, *_ in ended] == [(1, 0), (2, 0), (0, 1)]
+    assert no_overlap(ended)
+
+
+def test_redelivered_job_runs_again_without_overlap(
+    tasks: Any, coord: Any, store: Any
+) -> None:
+    """acks_late + reject_on_worker_lost: a killed job's message comes back (same id)."""
+    run = run_id()
+    killed = tasks.redelivered.delay(run, 0, kill=True)
+    for n in (1, 2):
+        tasks.redelivered.delay(run, n)
+    wait_for(lambda: coord.llen(f"intervals:{run}") == 3, timeout=30, what="three jobs")
+    starts = rows(coord, f"starts:{run}")
+    assert [task_id for n, task_id, _ in starts].count(killed.id) == 2  # ran again
+    ended = rows(coord, f"intervals:{run}")
+    assert sorted(n for n, *_ in ended) == [0, 1, 2]  # each completed once
+    # No job overlapped another, the killed run included (it died 0.1 s after starting).
+    killed_run = [[0, killed.id, starts[0][2], starts[0][2] + 0.1]]
+    assert starts[0][1] == killed.id
+    assert no_overlap(ended + killed_run)
+    wait_for(lambda: no_lock_keys(store, f"lost_{run}"), timeout=10, what="no lock left")
+
+
+def test_revoked_waiting_job_leaves_the_line(
+    tasks: Any, coord: Any, store: Any, lock_worker: Worker
+) -> None:
+    run = run_id()
+    tasks.gated.delay(run, 0, hold=True)
+    wait_for(lambda: coord.llen(f"starts:{run}") == 1, what="the holder to start")
+    waiting = [tasks.gated.delay(run, n) for n in (1, 2, 3)]
+    wait_for(lambda: sum(store.hlen(k) for k in store.keys(f"*gate_{run}*:parked")) == 3,
+             timeout=20, what="three parked jobs")
+    replies = tasks.app.control.revoke(waiting[0].id, destination=[lock_worker.hostname],
+                                       reply=True, limit=1, timeout=10)
+    assert replies, "the worker did not acknowledge the revoke"
+    coord.set(f"go:{run}", 1)
+    wait_for(lambda: coord.llen(f"starts:{run}") == 3, timeout=20, what="2 and 3 to run")
+    assert [int(n) for n in coord.lrange(f"starts:{run}", 0, -1)] == [0, 2, 3]
+    wait_for(waiting[0].ready, timeout=10, what="the revoked job's result")
+    assert waiting[0].state == "REVOKED"
+    wait_for(lambda: no_lock_keys(store, f"gate_{run}"), timeout=10, what="no lock left")
+
+
+def test_retry_mode_runs_every_job_exactly_once(tasks: Any, coord: Any, store: Any) -> None:
+    run = run_id()
+    for n in range(30):
+        tasks.retry_mode.delay(run, n)
+    wait_for(lambda: coord.llen(f"intervals:{run}") >= 30, timeout=90, what="30 jobs")
+    ended = rows(coord, f"intervals:{run}")
+    assert sorted(n for n, *_ in ended) == list(range(30))
+    assert no_overlap(ended)
+    # Waiting for the lock is not a retry: max_retries=0 and every run is the first.
+    assert {retries for _, retries, *_ in ended} == {0}
+    wait_for(lambda: no_lock_keys(store, f"rm_{run}"), timeout=10, what="no lock left")
