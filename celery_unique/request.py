@@ -24,6 +24,12 @@ class UniqueRequest(Request):  # type: ignore[misc]
     """``Task.Request`` of :class:`~celery_unique.UniqueTask`."""
 
     _unique_done = False
+    _unique_requeued = False  # its message went back to the queue
+    _unique_retried = False  # Celery published its retry (retry_on_worker_lost)
+
+    def reject(self, requeue: bool = False) -> None:
+        super().reject(requeue=requeue)
+        self._unique_requeued = self._unique_requeued or requeue
 
     def _unique_release(self, why: str, queueing: bool = True) -> None:
         info = self.request_dict.get(HEADER)
@@ -48,6 +54,21 @@ class UniqueRequest(Request):  # type: ignore[misc]
         if not soft:
             self._unique_release("hard time limit")
 
+    def _retry_worker_lost(self, exc: Any, exc_info: Any) -> bool:
+        # Celery >= 5.7, retry_on_worker_lost: the main process publishes the retry, outside
+        # the job's context. With the job's context pushed, UniqueTask.apply_async sees a
+        # retry of this job, as from Task.retry: it keeps the queueing lock.
+        task = self.task
+        context = self._context
+        context.called_directly = False
+        task.request_stack.push(context)
+        try:
+            retried = bool(super()._retry_worker_lost(exc, exc_info))
+        finally:
+            task.request_stack.pop()
+        self._unique_retried = retried
+        return retried
+
     def on_failure(self, exc_info: Any, send_failed_event: bool = True,
                    return_ok: bool = False) -> None:
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
@@ -55,8 +76,8 @@ class UniqueRequest(Request):  # type: ignore[misc]
         if isinstance(exc, Terminated):
             self._unique_release("terminated")
         elif isinstance(exc, (WorkerLostError, SystemExit, KeyboardInterrupt)):
-            task = self.task
-            # With acks_late and reject_on_worker_lost the message is requeued and the
-            # job runs again: it keeps its queueing lock, and takes its lock again.
-            requeued = bool(task.acks_late and task.reject_on_worker_lost)
-            self._unique_release("worker lost", queueing=not requeued)
+            # Requeued (acks_late and reject_on_worker_lost) or retried (Celery 5.7's
+            # retry_on_worker_lost), the job runs again: it keeps its queueing lock, and
+            # takes its lock again.
+            again = self._unique_requeued or self._unique_retried
+            self._unique_release("worker lost", queueing=not again)

@@ -173,6 +173,12 @@ def locked_outcome(self: Any, run: str, n: int, outcome: str = "ok") -> None:
     coord.rpush(f"starts:{run}", json.dumps([n, self.request.retries, start]))
     if outcome == "raise":
         raise RuntimeError("boom")
+    if outcome == "reject":
+        raise Reject("rejected", requeue=False)
+    if outcome == "ignore":
+        raise Ignore()
+    if outcome == "replace":
+        raise self.replace(noop.si(run))
     if outcome == "retry" and self.request.retries == 0:
         raise self.retry(countdown=0.3)
     if outcome == "stuck":
@@ -213,3 +219,16 @@ def retry_mode(self: Any, run: str, n: int) -> None:
     start = time.time()
     time.sleep(random.random() * 0.02)
     coord.rpush(f"intervals:{run}", json.dumps([n, self.request.retries, start, time.time()]))
+
+
+@app.task(base=UniqueTask, queueing_lock="lr_{run}", queueing_lock_until="finished",
+          lock="lr_{run}", lock_timeout=LONG_LEASE, retry_on_worker_lost=True,
+          default_retry_delay=0.5, max_retries=1, name="acceptance.lost_retry",
+          queue="locks", bind=True)
+def lost_retry(self: Any, run: str) -> int:
+    """Celery >= 5.7 retries it when its first run's process dies; the retry waits."""
+    coord.rpush(f"runs:{run}", self.request.retries)
+    if self.request.retries == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    wait_go(run)
+    return int(self.request.retries)

@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Task
 
+from celery_unique import AlreadyQueued
 from celery_unique.testing import RedisServer, wait_for
 
 from .conftest import Worker
@@ -185,12 +187,14 @@ def no_overlap(spans: list[list[Any]]) -> bool:
     return all(a[3] <= b[2] for a, b in zip(ordered, ordered[1:]))
 
 
-@pytest.mark.parametrize("outcome", ["raise", "retry", "stuck"])
+@pytest.mark.parametrize("outcome", ["raise", "retry", "stuck", "reject", "ignore", "replace"])
 def test_every_end_of_a_locked_job_releases_it(
     tasks: Any, coord: Any, store: Any, outcome: str
 ) -> None:
-    """A job that raises, retries, or is killed by its hard time limit frees its lock at
-    once: the lease (60 s) is far longer than the wait, so only a release lets 1 and 2 in.
+    """A job that raises, retries, is killed by its hard time limit, raises Reject or
+    Ignore, or replaces itself frees its lock at once (Celery skips after_return for most
+    of these): the lease (60 s) is far longer than the wait, so only a release lets 1
+    and 2 in.
     """
     run = run_id()
     first = tasks.locked_outcome.delay(run, 0, outcome)
@@ -206,9 +210,11 @@ def test_every_end_of_a_locked_job_releases_it(
     # 1 and 2 waited for 0 and started in creation order
     starts = rows(coord, f"starts:{run}")
     assert [n for n, retries, _ in starts if not retries][:3] == [0, 1, 2]
-    if outcome != "retry":
+    if outcome in ("raise", "stuck"):
         wait_for(first.ready, timeout=10, what="the first job's result")
         assert first.state == "FAILURE"
+    if outcome == "replace":
+        assert first.get(timeout=10) == run  # the replacement's result
     wait_for(lambda: no_lock_keys(store, f"out_{run}"), timeout=10, what="no lock left")
 
 
@@ -275,3 +281,21 @@ def test_retry_mode_runs_every_job_exactly_once(tasks: Any, coord: Any, store: A
     # Waiting for the lock is not a retry: max_retries=0 and every run is the first.
     assert {retries for _, retries, *_ in ended} == {0}
     wait_for(lambda: no_lock_keys(store, f"rm_{run}"), timeout=10, what="no lock left")
+
+
+@pytest.mark.skipif(not hasattr(Task, "retry_on_worker_lost"),
+                    reason="retry_on_worker_lost is new in Celery 5.7")
+def test_retry_on_worker_lost_keeps_the_queueing_lock(
+    tasks: Any, coord: Any, store: Any
+) -> None:
+    run = run_id()
+    first = tasks.lost_retry.delay(run)
+    wait_for(lambda: first.state == "RETRY", timeout=20, what="Celery to retry the lost job")
+    # The retry, published by the worker's main process, holds the queueing lock.
+    with pytest.raises(AlreadyQueued, match=first.id):
+        tasks.lost_retry.delay(run)
+    wait_for(lambda: coord.llen(f"runs:{run}") == 2, timeout=20, what="the retry to run")
+    coord.set(f"go:{run}", 1)
+    assert first.get(timeout=20) == 1
+    assert [int(x) for x in coord.lrange(f"runs:{run}", 0, -1)] == [0, 1]
+    wait_for(lambda: no_lock_keys(store, f"lr_{run}"), timeout=10, what="no lock left")
