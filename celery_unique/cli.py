@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from .testing import RedisServer, wait_for
 
@@ -17,7 +18,7 @@ __all__ = ["main"]
 
 
 def demo() -> int:
-    """Start a private Redis and a worker, fire a burst of duplicates, print what happened."""
+    """Start a private Redis and a worker; show the queueing lock, then the lock."""
     from .exceptions import AlreadyQueued
 
     with RedisServer() as server:
@@ -60,16 +61,35 @@ def demo() -> int:
                   " user waits in the queue; a duplicate gets AlreadyQueued)")
             print(f"{len(queued)} queued, {30 - len(queued)} rejected as duplicates,"
                   f" {len(queued)} ran")
+            print()
+            _lock_demo(demo_app)
         finally:
             worker.terminate()
             worker.wait(30)
     return 0
 
 
+def _lock_demo(demo_app: Any) -> None:
+    """The execution lock: the seed's alphabet, with and without ``lock``."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    print("the lock: 26 jobs append a letter each to a file, with random sleeps, on 2"
+          " processes")
+    for name, task in (("without lock", demo_app.write_letter),
+                       ('lock="{path}"', demo_app.write_letter_locked)):
+        path = Path(tempfile.mkdtemp(prefix="celery-unique-demo-")) / "alphabet.txt"
+        for letter in letters:
+            task.delay(str(path), letter)
+        wait_for(lambda path=path: path.exists() and len(path.read_text()) == len(letters),
+                 timeout=60, what="26 letters")
+        print(f"  {name:<14} {path.read_text()}")
+    print("(with the lock, jobs sharing it run one at a time in creation order; a waiting"
+          " job gives its worker slot back until its turn)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m celery_unique")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the demo: a private Redis, a worker, a burst of duplicates")
+    sub.add_parser("demo", help="run the demo: a private Redis, a worker, duplicates and a lock")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo()

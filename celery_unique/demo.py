@@ -6,6 +6,7 @@ The Redis server's URL comes from ``CELERY_UNIQUE_DEMO_REDIS`` (set by the demo)
 from __future__ import annotations
 
 import os
+import random
 import time
 
 from celery import Celery
@@ -25,3 +26,23 @@ def send_pdf_report(email: str) -> str:
     """A slow report: duplicates sent while one is waiting are not queued."""
     time.sleep(0.5)
     return f"report sent to {email}"
+
+
+def _write(path: str, letter: str) -> None:
+    time.sleep(random.random() * 0.1)  # jobs of uneven length: they finish out of order
+    with open(path, "a") as f:
+        f.write(letter)
+
+
+@app.task(name="demo.write_letter")  # type: ignore[untyped-decorator]
+def write_letter(path: str, letter: str) -> None:
+    """Without a lock: two processes write at once, in whatever order they finish."""
+    _write(path, letter)
+
+
+@app.task(  # type: ignore[untyped-decorator]
+    base=UniqueTask, lock="{path}", name="demo.write_letter_locked"
+)
+def write_letter_locked(path: str, letter: str) -> None:
+    """The seed's alphabet: one job at a time per file, in creation order."""
+    _write(path, letter)
