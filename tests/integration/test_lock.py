@@ -1,0 +1,171 @@
+"""The execution lock's scripts against a real Redis server (the session's private one).
+
+Each test drives :meth:`Store.lock` as the worker does: ``acquire``, ``park``, ``release``,
+``extend`` and ``sweep`` on one lock, with tokens standing for jobs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+import uuid
+from typing import Any
+
+import redis
+
+from celery_unique.scripts import Store
+from celery_unique.testing import RedisServer, wait_for
+
+LEASE = 60_000
+
+
+def text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Lock:
+    """One lock's scripts, called as the worker calls them."""
+
+    def __init__(self, store: Store, limit: int = 1, lease: int = LEASE) -> None:
+        self.store, self.limit, self.lease = store, limit, lease
+        self.base = f"celery_unique:l:{{test-{uuid.uuid4().hex[:8]}}}"
+
+    def acquire(self, token: str, mode: str = "order", wait: int = 3_600_000) -> list[Any]:
+        reply = self.store.lock("acquire", self.base,
+                                [token, self.limit, self.lease, mode, wait])
+        return [text(x) for x in reply]
+
+    def park(self, token: str, message: str) -> list[Any]:
+        return [text(x) for x in self.store.lock(
+            "park", self.base, [token, self.limit, self.lease, message])]
+
+    def release(self, token: str) -> list[Any]:
+        return [text(x) for x in self.store.lock(
+            "release", self.base, [token, self.limit, self.lease])]
+
+    def extend(self, token: str) -> int:
+        return int(self.store.lock("extend", self.base, [token, self.lease]))
+
+    def sweep(self) -> list[Any]:
+        return [text(x) for x in self.store.lock("sweep", self.base, [self.limit, self.lease])]
+
+    def keys(self) -> list[bytes]:
+        return [k for k in self.store.client.keys(f"{self.base}:*")
+                if not k.endswith(b":seq")]
+
+
+def make_store(server: RedisServer) -> Store:
+    return Store.from_url(f"{server.url}/1")
+
+
+def test_release_is_owner_checked_and_hands_over_in_line_order(
+    unique_redis_server: RedisServer,
+) -> None:
+    lock = Lock(make_store(unique_redis_server))
+    held = lock.acquire("a")
+    assert held[0] == 1
+    for token in "bc":
+        assert lock.acquire(token)[:2] == [0, "a"]
+        assert lock.park(token, f"message-{token}")[:2] == [0, "a"]
+    assert lock.release("x") == [0]  # not the holder: nothing happens
+    assert lock.extend("a") == 1
+    assert lock.release("a") == [1, "b", "message-b"]  # b is handed the lock
+    assert lock.extend("b") == 1
+    taken = lock.acquire("b")  # its message, published again, reaches a worker
+    assert taken[0] == 1 and int(taken[1]) > int(held[1])
+    assert lock.release("b") == [1, "c", "message-c"]
+    assert lock.acquire("c")[0] == 1
+    assert lock.release("c") == [1]
+    assert lock.keys() == []
+
+
+def test_lease_runs_out_and_the_old_holder_is_told(unique_redis_server: RedisServer) -> None:
+    lock = Lock(make_store(unique_redis_server), lease=300)
+    first = lock.acquire("a", mode="retry")
+    assert first[0] == 1
+    assert lock.acquire("b", mode="retry")[:2] == [0, "a"]
+    second = wait_for(lambda: (r := lock.acquire("b", mode="retry"))[0] == 1 and r,
+                      timeout=5, what="a's lease to run out")
+    assert int(second[1]) > int(first[1])  # fence
+    assert lock.extend("a") == 0  # lost: renewal tells the job
+    assert lock.release("a") == [0]  # and its late release leaves b's lock alone
+    assert lock.extend("b") == 1
+
+
+def test_limit_two_is_a_semaphore_in_order(unique_redis_server: RedisServer) -> None:
+    lock = Lock(make_store(unique_redis_server), limit=2)
+    a, b = lock.acquire("a"), lock.acquire("b")
+    assert a[0] == b[0] == 1 and int(b[1]) > int(a[1])
+    assert lock.acquire("c")[0] == 0
+    lock.park("c", "message-c")
+    assert lock.acquire("d")[0] == 0
+    lock.park("d", "message-d")
+    assert lock.release("b") == [1, "c", "message-c"]
+    assert lock.release("a") == [1, "d", "message-d"]
+    fences = [int(lock.acquire(t)[1]) for t in "cd"]
+    assert int(b[1]) < fences[0] < fences[1]
+
+
+def test_a_place_whose_job_never_arrives_is_given_up(unique_redis_server: RedisServer) -> None:
+    store = make_store(unique_redis_server)
+    lock = Lock(store)
+    store.send_enter_line(lock.base, "lost", 300).result()  # created first, never arrives
+    # No holder, but "lost" is first in line (place 0): b waits, second (place 1).
+    assert lock.acquire("b", wait=300)[:3] == [0, "", 1]
+    wait_for(lambda: lock.acquire("b", wait=300)[0] == 1, timeout=5,
+             what="the lost job's place to be given up")
+    assert lock.release("b") == [1]
+    assert lock.keys() == []
+
+
+def test_sweep_wakes_a_parked_job_when_its_holder_died(
+    unique_redis_server: RedisServer,
+) -> None:
+    lock = Lock(make_store(unique_redis_server), lease=300)
+    assert lock.acquire("dead")[0] == 1  # its worker is killed: never released
+    lock.acquire("b")
+    lock.park("b", "message-b")
+    early = lock.sweep()
+    assert early == [early[0]] and 0 <= int(early[0]) <= 300  # look again when it is due
+    woken = wait_for(lambda: (r := lock.sweep())[1:] and r, timeout=5,
+                     what="the sweep to hand the lock over")
+    assert woken[1:] == ["b", "message-b"]
+    assert lock.acquire("b")[0] == 1
+
+
+def _contender(url: str, base: str, rounds: int, out: Any) -> None:
+    store = Store.from_url(url)
+    spans = []
+    for n in range(rounds):
+        token = f"{multiprocessing.current_process().name}-{n}"
+        while True:  # "retry" mode, polled: the fastest path through the script
+            reply = store.lock("acquire", base, [token, 1, LEASE, "retry", 1000])
+            if reply[0] == 1:
+                break
+            time.sleep(0.001)
+        start = time.time()
+        time.sleep(0.001)
+        spans.append((start, time.time(), int(reply[1])))
+        store.lock("release", base, [token, 1, LEASE])
+    out.put(spans)
+
+
+def test_contending_processes_never_overlap(unique_redis_server: RedisServer) -> None:
+    """python-redis-lock's test: forked processes fight for one lock."""
+    base = f"celery_unique:l:{{contend-{uuid.uuid4().hex[:8]}}}"
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    procs = [context.Process(target=_contender,
+                             args=(f"{unique_redis_server.url}/1", base, 25, out))
+             for _ in range(8)]
+    for p in procs:
+        p.start()
+    spans = sorted(span for _ in procs for span in out.get(timeout=60))
+    for p in procs:
+        p.join(10)
+    assert len(spans) == 200
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "two holders at once"
+    fences = [f for *_, f in spans]
+    assert fences == sorted(fences) and len(set(fences)) == 200
+    assert [k for k in redis.Redis.from_url(f"{unique_redis_server.url}/1").keys(f"{base}:*")
+            if not k.endswith(b":seq")] == []
