@@ -18,6 +18,7 @@ from celery import Celery
 from celery.exceptions import Ignore, Reject
 
 from celery_unique import UniqueTask
+from celery_unique import signals as unique_signals
 
 SERVER = os.environ.get("CELERY_UNIQUE_TEST_REDIS", "redis://127.0.0.1:6379")
 # Results go through Celery's filesystem backend, not Redis: Celery < 5.6's Redis result
@@ -232,3 +233,19 @@ def lost_retry(self: Any, run: str) -> int:
         os.kill(os.getpid(), signal.SIGKILL)
     wait_go(run)
     return int(self.request.retries)
+
+
+@app.task(base=UniqueTask, lock="frozen_{run}", lock_timeout=1, name="acceptance.frozen",
+          queue="locks", bind=True)
+def frozen(self: Any, run: str, n: int) -> None:
+    """Job 0 holds until told to go (the test freezes its process meanwhile)."""
+    coord.set(f"started:{run}:{n}", os.getpid())
+    if n == 0:
+        wait_go(run)
+    coord.rpush(f"intervals:{run}", json.dumps(
+        [n, self.request.lock_fence, self.request.lock_lost]))
+
+
+@unique_signals.lock_lost.connect
+def _record_lost(sender: Any = None, key: str = "", task_id: str = "", **_: Any) -> None:
+    coord.set(f"lost:{task_id}", key)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import string
 import tempfile
 import uuid
@@ -299,3 +301,29 @@ def test_retry_on_worker_lost_keeps_the_queueing_lock(
     assert first.get(timeout=20) == 1
     assert [int(x) for x in coord.lrange(f"runs:{run}", 0, -1)] == [0, 1]
     wait_for(lambda: no_lock_keys(store, f"lr_{run}"), timeout=10, what="no lock left")
+
+
+def test_a_frozen_holder_loses_its_lock_and_is_told(
+    tasks: Any, coord: Any, store: Any, lock_worker: Worker
+) -> None:
+    """A process stopped longer than its lease (a paused VM): the next job takes the lock
+    with a larger fence, and the frozen one learns it lost the lock when it resumes."""
+    run = run_id()
+    frozen = tasks.frozen.delay(run, 0)
+    pid = int(wait_for(lambda: coord.get(f"started:{run}:0"), what="job 0 to start"))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        tasks.frozen.delay(run, 1)
+        wait_for(lambda: coord.llen(f"intervals:{run}") == 1, timeout=20,
+                 what="job 1 to run once job 0's lease (1 s) ran out")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert wait_for(lambda: coord.get(f"lost:{frozen.id}"), timeout=10,
+                    what="the lock_lost signal").decode().endswith(f"{{frozen_{run}}}")
+    coord.set(f"go:{run}", 1)
+    wait_for(lambda: coord.llen(f"intervals:{run}") == 2, timeout=20, what="job 0 to end")
+    (n1, fence1, lost1), (n0, fence0, lost0) = rows(coord, f"intervals:{run}")
+    assert (n1, lost1, n0, lost0) == (1, False, 0, True)  # request.lock_lost
+    assert fence1 > fence0  # what a fenced write checks
+    assert f"{frozen.id}] lost its lock" in lock_worker.logs()
+    wait_for(lambda: no_lock_keys(store, f"frozen_{run}"), timeout=10, what="no lock left")
