@@ -34,14 +34,14 @@ def _write(path: str, letter: str) -> None:
         f.write(letter)
 
 
-@app.task(name="demo.write_letter")  # type: ignore[untyped-decorator]
+@app.task(name="demo.write_letter", ignore_result=True)  # type: ignore[untyped-decorator]
 def write_letter(path: str, letter: str) -> None:
     """Without a lock: two processes write at once, in whatever order they finish."""
     _write(path, letter)
 
 
 @app.task(  # type: ignore[untyped-decorator]
-    base=UniqueTask, lock="{path}", name="demo.write_letter_locked"
+    base=UniqueTask, lock="{path}", name="demo.write_letter_locked", ignore_result=True
 )
 def write_letter_locked(path: str, letter: str) -> None:
     """The seed's alphabet: one job at a time per file, in creation order."""

@@ -18,6 +18,7 @@ def test_demo_runs_and_shows_both_locks() -> None:
     done = subprocess.run([sys.executable, "-m", "celery_unique", "demo"], cwd=ROOT,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr  # nor at exit, as results go
     summary = re.search(r"(\d+) queued, (\d+) rejected as duplicates, (\d+) ran", done.stdout)
     assert summary, done.stdout
     queued, rejected, ran = map(int, summary.groups())
