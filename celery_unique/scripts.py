@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from redis.cluster import RedisCluster
 
 from .exceptions import LockStoreUnavailable
 from .settings import redis_url, safe_url, setting
@@ -308,6 +309,8 @@ class Store:
     def __init__(self, client: Any, url: str, options: dict[str, Any] | None = None, *,
                  pinned: bool = False) -> None:
         self.client, self.url, self.options = client, url, options
+        #: A Redis Cluster client: no script touches keys of two hash slots.
+        self.cluster = isinstance(client, RedisCluster)
         #: A pinned store (tests: fakeredis) is kept whatever the app's settings say.
         self.pinned = pinned
         self._acquire_queueing = client.register_script(ACQUIRE_QUEUEING_LOCK)
@@ -330,8 +333,10 @@ class Store:
                 self._pool_args = ("EVALSHA",)
 
     @classmethod
-    def from_url(cls, url: str, options: dict[str, Any] | None = None) -> Store:
-        return cls(redis.Redis.from_url(url, **(options or {})), url, options)
+    def from_url(cls, url: str, options: dict[str, Any] | None = None, *,
+                 cluster: bool = False) -> Store:
+        client_class = RedisCluster if cluster else redis.Redis
+        return cls(client_class.from_url(url, **(options or {})), url, options)
 
     @classmethod
     def from_client(cls, client: Any) -> Store:
@@ -378,11 +383,19 @@ class Store:
 
     def lock(self, name: str, base: str, args: list[Any], queueing_key: str | None = None
              ) -> Any:
-        """Run the lock script ``name`` (see :data:`LOCK_SCRIPTS`) on the lock ``base``."""
+        """Run the lock script ``name`` (see :data:`LOCK_SCRIPTS`) on the lock ``base``.
+
+        ``queueing_key``: the job's queueing lock, released when ``acquire`` takes the lock.
+        """
         keys = lock_keys(base)
-        if queueing_key:
+        if queueing_key and not self.cluster:
             keys.append(queueing_key)
-        return self.run(self.lock_scripts[name], keys, args)
+        reply = self.run(self.lock_scripts[name], keys, args)
+        if queueing_key and self.cluster and reply[0] == 1:
+            # On a cluster the two keys live in different slots, which one script may not
+            # touch: one more round trip, still owner-checked.
+            self.release(queueing_key, args[0])
+        return reply
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -433,11 +446,13 @@ def get_store(app: Celery) -> Store:
     """The app's store, made on first use (after a fork too: redis-py's pool resets)."""
     url = redis_url(app)
     options = setting(app, "unique_redis_options")
+    cluster = bool(setting(app, "unique_redis_cluster"))
     store = _stores.get(app)
     # A changed setting (tests, a reconfigured app) builds a new client, not a stale one.
-    if store is None or not (store.pinned or (store.url, store.options) == (url, options)):
+    if store is None or not (store.pinned or (store.url, store.options, store.cluster)
+                             == (url, options, cluster)):
         with _lock:
-            store = _stores[app] = Store.from_url(url, options)
+            store = _stores[app] = Store.from_url(url, options, cluster=cluster)
     return store
 
 

@@ -27,6 +27,7 @@ UNTIL = ("started", "finished")
 DEFAULTS: dict[str, Any] = {
     "unique_redis_url": None,  # None: broker_url when it is Redis, else localhost
     "unique_redis_options": None,
+    "unique_redis_cluster": False,  # True: a Redis Cluster client (redis.cluster)
     "unique_key_prefix": "celery_unique",
     "unique_queueing_lock_timeout": 3600.0,
     "unique_queueing_lock_until": "started",
@@ -121,6 +122,13 @@ def check_settings(app: Celery) -> None:
                   where=where)
     check_choice(setting(app, "unique_on_locked"), ON_LOCKED, option="unique_on_locked",
                  where=where)
+    if not isinstance(setting(app, "unique_redis_cluster"), bool):
+        raise ConfigurationError(
+            f"{where}: unique_redis_cluster must be True or False, got"
+            f" {setting(app, 'unique_redis_cluster')!r}",
+            option="unique_redis_cluster", value=setting(app, "unique_redis_cluster"),
+            where=where,
+        )
     options = setting(app, "unique_redis_options")
     if options is not None and not isinstance(options, dict):
         raise ConfigurationError(

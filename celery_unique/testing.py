@@ -57,7 +57,9 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02,
 class RedisServer:
     """A private, throw-away ``redis-server`` on 127.0.0.1 and a free port."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: str) -> None:
+        """``args``: more ``redis-server`` options (``"--cluster-enabled", "yes"``)."""
+        self.args = args
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}"
         self._dir = tempfile.mkdtemp(prefix="celery-unique-redis-")
@@ -67,7 +69,7 @@ class RedisServer:
         self._process = subprocess.Popen(
             [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", self._dir,
-             "--databases", "64", "--protected-mode", "no"],
+             "--databases", "64", "--protected-mode", "no", *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.url)

@@ -173,12 +173,19 @@ def test_precedence_call_over_task_over_setting(app: Celery, fake_redis: Any) ->
     assert 9000 < ttl[qkey(u, "b")] <= 10000
 
 
-def test_app_setting_typo_fails_at_creation(app: Celery) -> None:
-    app.conf.unique_on_duplicate = "skip"
+@pytest.mark.parametrize("name, value", [
+    ("unique_on_duplicate", "skip"),
+    ("unique_on_locked", "wait"),
+    ("unique_lock_timeout", 0),
+    ("unique_redis_options", "socket_timeout=1"),
+    ("unique_redis_cluster", "yes"),
+])
+def test_app_setting_typo_fails_at_creation(app: Celery, name: str, value: Any) -> None:
+    app.conf[name] = value
     @app.task(base=UniqueTask, queueing_lock="k", shared=False)
     def t() -> None: ...
 
-    with pytest.raises(ConfigurationError, match="unique_on_duplicate"):
+    with pytest.raises(ConfigurationError, match=name):
         app.finalize()
 
 
