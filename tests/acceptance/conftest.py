@@ -19,15 +19,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class Worker:
     def __init__(self, server: RedisServer, concurrency: int = 2, name: str = "accept",
-                 queues: str = "celery") -> None:
+                 queues: str = "celery", app: str = "tests.acceptance.tasks",
+                 env: dict[str, str] | None = None) -> None:
         self.server = server
         #: Its node name, for control commands sent to it alone.
         self.hostname = f"{name}-{os.getpid()}@acceptance"
         self.log = Path(tempfile.mkstemp(prefix="celery-unique-worker-", suffix=".log")[1])
         env = {**os.environ, "CELERY_UNIQUE_TEST_REDIS": server.url,
-               "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+               "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               **(env or {})}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.acceptance.tasks", "worker",
+            [sys.executable, "-m", "celery", "-A", app, "worker",
              "-P", "prefork", "-c", str(concurrency), "-l", "INFO", "--without-gossip",
              "--without-mingle", "--without-heartbeat", "-n", self.hostname,
              "-Q", queues, f"--logfile={self.log}"],

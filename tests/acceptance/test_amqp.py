@@ -1,0 +1,67 @@
+"""Both locks with RabbitMQ as the broker (run when one is reachable on localhost)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import string
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kombu import Connection
+
+from celery_unique import AlreadyQueued
+from celery_unique.testing import RedisServer, wait_for
+
+from .conftest import Worker
+
+pytestmark = pytest.mark.acceptance
+
+BROKER = os.environ.get("CELERY_UNIQUE_TEST_AMQP", "amqp://guest:guest@localhost:5672//")
+
+
+def reachable(url: str) -> bool:
+    try:
+        with Connection(url, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=1)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def amqp(unique_redis_server: RedisServer) -> Iterator[Any]:
+    if not reachable(BROKER):
+        pytest.skip(f"no RabbitMQ at {BROKER}: the non-Redis broker is not tested here")
+    env = {"CELERY_UNIQUE_TEST_REDIS": unique_redis_server.url,
+           "CELERY_UNIQUE_TEST_AMQP": BROKER,
+           "CELERY_UNIQUE_TEST_AMQP_QUEUE": f"celery-unique-test-{uuid.uuid4().hex[:8]}"}
+    os.environ.update(env)
+    from tests.acceptance import amqp_app
+
+    amqp_app = importlib.reload(amqp_app)  # this module's queue and servers
+    worker = Worker(unique_redis_server, concurrency=4, name="amqp",
+                    queues=env["CELERY_UNIQUE_TEST_AMQP_QUEUE"],
+                    app="tests.acceptance.amqp_app", env=env)
+    try:
+        worker.wait_ready()
+        yield amqp_app
+    finally:
+        worker.stop()
+
+
+def test_alphabet_and_duplicates_over_rabbitmq(amqp: Any) -> None:
+    path = Path(tempfile.mkdtemp()) / "alphabet.txt"
+    for letter in string.ascii_lowercase:
+        amqp.write_letter.delay(str(path), letter)
+    # "z" is still waiting for its turn, so it is still queued.
+    with pytest.raises(AlreadyQueued):
+        amqp.write_letter.delay(str(path), "z")
+    wait_for(lambda: path.exists() and len(path.read_text()) == 26, timeout=60,
+             what="26 letters")
+    assert path.read_text() == string.ascii_lowercase
+
