@@ -41,6 +41,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (10000 above) is valid and free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02,
              what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
@@ -60,7 +75,7 @@ class RedisServer:
     def __init__(self, *args: str) -> None:
         """``args``: more ``redis-server`` options (``"--cluster-enabled", "yes"``)."""
         self.args = args
-        self.port = free_port()
+        self.port = free_cluster_port() if "--cluster-enabled" in args else free_port()
         self.url = f"redis://127.0.0.1:{self.port}"
         self._dir = tempfile.mkdtemp(prefix="celery-unique-redis-")
         self._process: subprocess.Popen[bytes] | None = None
@@ -73,8 +88,16 @@ class RedisServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.url)
+        process = self._process
+
+        def up() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server {' '.join(self.args)} on port {self.port}"
+                                   f" exited with {process.returncode}")
+            return self._ping(client)
+
         try:
-            wait_for(lambda: self._ping(client), timeout=15, what=f"redis-server on {self.port}")
+            wait_for(up, timeout=15, what=f"redis-server on {self.port}")
         finally:
             client.close()
         return self

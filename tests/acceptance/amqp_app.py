@@ -31,7 +31,7 @@ app.conf.update(
 
 
 @app.task(base=UniqueTask, queueing_lock="amqp_{path}_{letter}", lock="{path}",
-          lock_timeout=3, name="amqp.write_letter")
+          lock_timeout=3, name="amqp.write_letter", shared=False)
 def write_letter(path: str, letter: str) -> None:
     time.sleep(random.random() * 0.05)
     with open(path, "a") as f:

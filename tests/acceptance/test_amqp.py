@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import string
 import tempfile
@@ -41,9 +40,7 @@ def amqp(unique_redis_server: RedisServer) -> Iterator[Any]:
            "CELERY_UNIQUE_TEST_AMQP": BROKER,
            "CELERY_UNIQUE_TEST_AMQP_QUEUE": f"celery-unique-test-{uuid.uuid4().hex[:8]}"}
     os.environ.update(env)
-    from tests.acceptance import amqp_app
-
-    amqp_app = importlib.reload(amqp_app)  # this module's queue and servers
+    from tests.acceptance import amqp_app  # reads the environment set above
     worker = Worker(unique_redis_server, concurrency=4, name="amqp",
                     queues=env["CELERY_UNIQUE_TEST_AMQP_QUEUE"],
                     app="tests.acceptance.amqp_app", env=env)
