@@ -58,7 +58,7 @@ return 0
 #   line     ZSET token -> ticket: jobs waiting, in creation order
 #   parked   HASH token -> message: jobs waiting without a worker slot, to publish again
 #   seq      the last ticket or fence given (both strictly increase per lock); it expires
-#            after a day unused, and starts again above the server time in µs
+#            after an hour unused, and starts again above the server time in µs
 #   arrival  ZSET token -> deadline: line entries whose job has not reached a worker yet
 # Times are the server's (TIME), so workers' clocks never matter.
 
@@ -117,7 +117,7 @@ end
 -- increases after the counter expired with the lock unused.
 local function next_seq()
   local value = math.max(tonumber(redis.call('GET', KS) or '0') + 1, now * 1000)
-  redis.call('SET', KS, string.format('%d', value), 'PX', 86400000)
+  redis.call('SET', KS, string.format('%d', value), 'PX', 3600000)
   return value
 end
 
@@ -222,7 +222,7 @@ ENTER_LINE = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local ticket = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, now * 1000)
-redis.call('SET', KEYS[2], string.format('%d', ticket), 'PX', 86400000)
+redis.call('SET', KEYS[2], string.format('%d', ticket), 'PX', 3600000)
 redis.call('ZADD', KEYS[1], 'NX', ticket, ARGV[1])
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
 return ticket

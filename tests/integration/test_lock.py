@@ -77,6 +77,8 @@ def test_release_is_owner_checked_and_hands_over_in_line_order(
     assert lock.acquire("c")[0] == 1
     assert lock.release("c") == [1]
     assert lock.keys() == []
+    # Only the fence counter stays, and not for long.
+    assert 0 < lock.store.client.pttl(f"{lock.base}:seq") <= 3_600_000
 
 
 def test_lease_runs_out_and_the_old_holder_is_told(unique_redis_server: RedisServer) -> None:
