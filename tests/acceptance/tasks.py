@@ -45,6 +45,18 @@ def wait_go(token: str, limit: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def end_as(task: Any, outcome: str, token: str) -> None:
+    """End the running job as ``outcome`` says: raise (``fail``), Reject, Ignore, replace."""
+    if outcome in ("fail", "raise"):
+        raise RuntimeError("boom")
+    if outcome == "reject":
+        raise Reject("rejected", requeue=False)
+    if outcome == "ignore":
+        raise Ignore()
+    if outcome == "replace":
+        raise task.replace(noop.si(token))
+
+
 @app.task(base=UniqueTask, queueing_lock="hold_{token}", name="acceptance.hold")
 def hold(token: str) -> str:
     coord.set(f"started:{token}", os.getpid())
@@ -56,14 +68,7 @@ def hold(token: str) -> str:
           name="acceptance.finished_job", bind=True)
 def finished_job(self: Any, token: str, outcome: str = "ok") -> str:
     coord.set(f"started:{token}", os.getpid())
-    if outcome == "fail":
-        raise RuntimeError("boom")
-    if outcome == "reject":
-        raise Reject("rejected", requeue=False)
-    if outcome == "ignore":
-        raise Ignore()
-    if outcome == "replace":
-        raise self.replace(noop.si(token))
+    end_as(self, outcome, token)
     if outcome == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if outcome == "sleep":
@@ -172,14 +177,7 @@ def locked_outcome(self: Any, run: str, n: int, outcome: str = "ok") -> None:
     """Ends as told while holding its lock; records [n, retries, start, end]."""
     start = time.time()
     coord.rpush(f"starts:{run}", json.dumps([n, self.request.retries, start]))
-    if outcome == "raise":
-        raise RuntimeError("boom")
-    if outcome == "reject":
-        raise Reject("rejected", requeue=False)
-    if outcome == "ignore":
-        raise Ignore()
-    if outcome == "replace":
-        raise self.replace(noop.si(run))
+    end_as(self, outcome, run)
     if outcome == "retry" and self.request.retries == 0:
         raise self.retry(countdown=0.3)
     if outcome == "stuck":
