@@ -393,8 +393,9 @@ class Store:
         reply = self.run(self.lock_scripts[name], keys, args)
         if queueing_key and self.cluster and reply[0] == 1:
             # On a cluster the two keys live in different slots, which one script may not
-            # touch: one more round trip, still owner-checked.
-            self.release(queueing_key, args[0])
+            # touch: one more round trip, still owner-checked. The lock is taken by now,
+            # so a failure here is logged, and the queueing lock's lease runs out.
+            release_quietly(self, queueing_key, args[0], "lock taken")
         return reply
 
     # -- plumbing ---------------------------------------------------------------------

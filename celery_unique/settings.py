@@ -122,12 +122,11 @@ def check_settings(app: Celery) -> None:
                   where=where)
     check_choice(setting(app, "unique_on_locked"), ON_LOCKED, option="unique_on_locked",
                  where=where)
-    if not isinstance(setting(app, "unique_redis_cluster"), bool):
+    cluster = setting(app, "unique_redis_cluster")
+    if not isinstance(cluster, bool):
         raise ConfigurationError(
-            f"{where}: unique_redis_cluster must be True or False, got"
-            f" {setting(app, 'unique_redis_cluster')!r}",
-            option="unique_redis_cluster", value=setting(app, "unique_redis_cluster"),
-            where=where,
+            f"{where}: unique_redis_cluster must be True or False, got {cluster!r}",
+            option="unique_redis_cluster", value=cluster, where=where,
         )
     options = setting(app, "unique_redis_options")
     if options is not None and not isinstance(options, dict):
