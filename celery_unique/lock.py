@@ -24,6 +24,7 @@ from celery.exceptions import Ignore
 from celery.states import REVOKED
 from kombu.serialization import dumps, loads
 
+from . import broker
 from . import signals as unique_signals
 from .exceptions import LockHeld
 from .scripts import Store, get_store
@@ -67,11 +68,13 @@ class Lock:
 
 # -- taking the lock ---------------------------------------------------------------------
 
-def acquire_lock(task: Task, lock: Lock, queueing_key: str | None) -> None:
+def acquire_lock(task: Task, lock: Lock, queueing_key: str | None, queue: str | None
+                 ) -> None:
     """Take ``lock`` for the running job, or raise Ignore when it must not run now.
 
-    Before raising, the job is parked, re-queued or skipped, and marked so that the end
-    of this run releases nothing it does not hold.
+    ``queue``: the job's own queue (see :meth:`Store.lock`). Before raising, the job is
+    parked, re-queued or skipped, and marked so that the end of this run releases nothing
+    it does not hold.
     """
     request = task.request
     store = _store(task)
@@ -79,12 +82,12 @@ def acquire_lock(task: Task, lock: Lock, queueing_key: str | None) -> None:
     delay = _EAGER_POLL[0]
     while True:
         reply = store.lock("acquire", lock.base, [token, lock.limit, lock.lease_ms, lock.mode,
-                                                  lock.wait_ms], queueing_key)
+                                                  lock.wait_ms], queueing_key, queue)
         if reply[0] == 1:
             _held(task, store, lock, int(reply[1]))
             return
         holder = _text(reply[1])
-        _publish_woken(task.app, reply[3:])
+        _publish_woken(task.app, reply[3:], store)
         if request.is_eager and lock.mode != "skip":
             # The caller is the worker: it waits for its turn (its place in line is kept
             # while it keeps asking).
@@ -100,9 +103,10 @@ def acquire_lock(task: Task, lock: Lock, queueing_key: str | None) -> None:
             _waiting(task, lock, holder, "retry")
             _requeue(task, lock)
         else:
-            message = _message(task)
-            reply = store.lock("park", lock.base, [token, lock.limit, lock.lease_ms, message])
-            _publish_woken(task.app, reply[3:])
+            message = _message(task, store)
+            reply = store.lock("park", lock.base, [token, lock.limit, lock.lease_ms, message],
+                               queue=queue)
+            _publish_woken(task.app, reply[3:], store)
             _waiting(task, lock, holder, "parked")
             _watch(store, lock, waiting_key(task.app))
         raise Ignore()
@@ -153,10 +157,22 @@ def _requeue(task: Task, lock: Lock) -> None:
     Task.apply_async(task, sig.args, sig.kwargs, **sig.options)
 
 
-def _message(task: Task) -> str:
-    """The job as a message to publish again, in the task's own serializer."""
+def _message(task: Task, store: Store) -> str:
+    """The job as a message to publish again: kombu's own message, pushed as it is when
+    it is handed the lock (the atomic path), else a signature in the task's serializer.
+    """
     request = task.request
     sig = task.signature_from_request(request, request.args, request.kwargs)
+    if broker.atomic(task.app, store):
+        push = broker.Push(store, request.id, capture=True)
+        try:
+            with broker.pushing(push):
+                # Not ours: the job already holds its queueing lock and its place.
+                Task.apply_async(task, sig.args, sig.kwargs, **sig.options)
+        except broker.Captured:
+            pass
+        if push.captured is not None:
+            return push.captured
     content_type, encoding, data = dumps(  # type: ignore[no-untyped-call]
         dict(sig), serializer=task.serializer)
     if isinstance(data, bytes):
@@ -176,11 +192,20 @@ def republish(app: Celery, message: str) -> None:
     Task.apply_async(task, sig.args, sig.kwargs, **sig.options)
 
 
-def _publish_woken(app: Celery, woken: list[Any]) -> None:
+def _publish_woken(app: Celery, woken: list[Any], store: Store | None = None) -> None:
     for i in range(0, len(woken) - 1, 2):
         token, message = _text(woken[i]), _text(woken[i + 1])
+        if not message:
+            continue  # pushed onto its queue by the script that woke it
         try:
-            republish(app, message)
+            if message.startswith("\x01"):
+                # kombu's message for another queue than the caller's: pushed from here,
+                # under a fresh delivery tag as the script would.
+                queue, body = message[1:].split("\n", 1)
+                body = body.replace(f'"{token}.cu"', f'"{token}.{time.time_ns()}"', 1)
+                (store or get_store(app)).client.lpush(queue, body)
+            else:
+                republish(app, message)
         except Exception:
             # Its place is kept: the lease it was handed runs out, and it goes back to
             # the front of the line, published again by the next release or sweep.
@@ -200,16 +225,23 @@ def waiting_key(app: Celery) -> str:
 
 # -- releasing ---------------------------------------------------------------------------
 
-def release_lock(task: Task, token: str, lock: Lock, state: str) -> None:
-    """Release the job's lock (or its place in line) and publish the jobs it wakes."""
+def release_lock(task: Task, token: str, lock: Lock, state: str, queue: str | None = None
+                 ) -> None:
+    """Release the job's lock (or its place in line) and publish the jobs it wakes.
+
+    ``queue``: the job's own queue; a woken job parked from it is pushed by the release
+    script itself, so a releasing process that dies cannot lose it.
+    """
     app = task.app
     _renewer.remove(token)
+    store = _store(task)
     try:
-        reply = _store(task).lock("release", lock.base, [token, lock.limit, lock.lease_ms])
+        reply = store.lock("release", lock.base, [token, lock.limit, lock.lease_ms],
+                           queue=queue)
     except Exception:
         logger.exception("celery-unique: could not release %s for %s", lock.base, token)
         return
-    _publish_woken(app, reply[1:])
+    _publish_woken(app, reply[1:], store)
     if reply[0]:
         unique_signals.lock_released.send(sender=task, key=lock.base, task_id=token,
                                           state=state)
@@ -227,7 +259,7 @@ def sweep(app: Celery) -> int:
         limit, lease_ms, base = _text(member).split("|", 2)
         reply = store.lock("sweep", base, [limit, lease_ms])
         woken += (len(reply) - 1) // 2
-        _publish_woken(app, reply[1:])
+        _publish_woken(app, reply[1:], store)
         if int(reply[0]) < 0:
             store.client.zrem(key, member)
         else:

@@ -41,7 +41,7 @@ class UniqueRequest(Request):  # type: ignore[misc]
         lock = Lock.from_header(info)
         if lock is not None:
             # Held, or a place in line: either way the job will not run now.
-            release_lock(self.task, self.id, lock, why)
+            release_lock(self.task, self.id, lock, why, info.get("k"))
 
     def revoked(self) -> bool:
         revoked = bool(super().revoked())

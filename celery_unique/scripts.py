@@ -22,8 +22,8 @@ from redis.cluster import RedisCluster
 from .exceptions import LockStoreUnavailable
 from .settings import redis_url, safe_url, setting
 
-__all__ = ["ACQUIRE_QUEUEING_LOCK", "ENTER_LINE", "LOCK_SCRIPTS", "RELEASE_LOCK", "Pending",
-           "Store", "get_store"]
+__all__ = ["ACQUIRE_QUEUEING_LOCK", "ENTER_LINE", "LOCK_SCRIPTS", "PEEK_QUEUEING_LOCK",
+           "PUSH_WITH_LOCKS", "RELEASE_LOCK", "Pending", "Store", "get_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,51 @@ end
 return 0
 """
 
+# A job takes its place in a lock's line: its ticket, above the last one and the time in
+# µs (see next_seq below). Returns the ticket.
+_ENTER_LINE_FUNCTION = """
+local function enter_line(line, seq, arrival, token, wait_ms)
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  local ticket = math.max(tonumber(redis.call('GET', seq) or '0') + 1, now * 1000)
+  redis.call('SET', seq, string.format('%d', ticket), 'PX', 3600000)
+  redis.call('ZADD', line, 'NX', ticket, token)
+  redis.call('ZADD', arrival, now + tonumber(wait_ms), token)
+  return ticket
+end
+"""
+
+#: The atomic enqueue (a Redis broker whose server and database hold the locks): the
+#: message is pushed where kombu would push it, with its locks, or not at all.
+#: KEYS[1]: the queue's list (kombu's key, its priority included); then the queueing
+#: lock's key when ARGV[3] is set; then the lock's line, seq and arrival keys when ARGV[4]
+#: is set. ARGV[1]: the message as kombu would push it; ARGV[2]: the owner's token (the
+#: job's task id); ARGV[3]: the queueing lock's lease in ms, or ''; ARGV[4]: the ms the
+#: job may take to reach a worker before its place in line is given up, or ''.
+#: Returns nil when pushed (the queueing lock taken, or already held by this owner, as
+#: ACQUIRE_QUEUEING_LOCK), else ``{holder's token, holder's PTTL}`` and nothing is written.
+PUSH_WITH_LOCKS = _ENTER_LINE_FUNCTION + """
+local token, n = ARGV[2], 1
+if ARGV[3] ~= '' then
+  local holder = redis.call('GET', KEYS[2])
+  if holder and holder ~= token then return {holder, redis.call('PTTL', KEYS[2])} end
+  redis.call('SET', KEYS[2], token, 'PX', ARGV[3])
+  n = 2
+end
+if ARGV[4] ~= '' then enter_line(KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], token, ARGV[4]) end
+redis.call('LPUSH', KEYS[1], ARGV[1])
+return false
+"""
+
+#: KEYS[1]: a queueing lock's key. ARGV[1]: the asking job's token. Reads only: returns
+#: nil when the key is free (or held by this token), else ``{holder, PTTL}``. A hint for
+#: keys found held moments ago; the push script decides.
+PEEK_QUEUEING_LOCK = """
+local holder = redis.call('GET', KEYS[1])
+if (not holder) or holder == ARGV[1] then return false end
+return {holder, redis.call('PTTL', KEYS[1])}
+"""
+
 # -- the execution lock ------------------------------------------------------------------
 #
 # One lock is five keys sharing one hash tag (``lock_keys``):
@@ -61,10 +106,16 @@ return 0
 #            after an hour unused, and starts again above the server time in µs
 #   arrival  ZSET token -> deadline: line entries whose job has not reached a worker yet
 # Times are the server's (TIME), so workers' clocks never matter.
+#
+# A parked message is either a Celery signature to publish again ("content type\n
+# encoding\ndata") or, on the atomic path, kombu's own message ("\x01queue\nmessage"),
+# which a wake pushes onto its queue inside the script when that queue is KEYS[6]: the
+# calling job's own queue, where jobs of one lock usually come from.
 
-#: Shared by the execution lock's scripts. KEYS[1..5]: the lock's keys (above).
+#: Shared by the execution lock's scripts. KEYS[1..5]: the lock's keys (above); KEYS[6]
+#: (single server only, maybe ''): the calling job's queue.
 LOCK_PRELUDE = """
-local KH, KW, KP, KS, KE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local KH, KW, KP, KS, KE, KQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
@@ -95,8 +146,26 @@ local function front(n)
   end
 end
 
+-- A parked kombu message for KQ is pushed now ('' left for the caller), under a fresh
+-- delivery tag: a message pushed twice must not share kombu's unacked entry.
+local function push(t, message)
+  if string.byte(message, 1) ~= 1 or not KQ or KQ == '' then return message end
+  local nl = string.find(message, '\\n', 2, true)
+  if string.sub(message, 2, nl - 1) ~= KQ then return message end
+  local mark = '"' .. t .. '.cu"'
+  local i, j = string.find(message, mark, nl, true)
+  local body = string.sub(message, nl + 1)
+  if i then
+    body = string.sub(message, nl + 1, i - 1) .. '"' .. t .. '.' .. now .. '"' ..
+      string.sub(message, j + 1)
+  end
+  redis.call('LPUSH', KQ, body)
+  return ''
+end
+
 -- Hands free places to parked jobs at the front of the line, appending {token, message}
--- pairs to out; stops at a job still on its way to a worker (it takes its place there).
+-- pairs to out (message '' when pushed here); stops at a job still on its way to a
+-- worker (it takes its place there).
 local function wake(limit, lease, out)
   local free = limit - redis.call('ZCARD', KH)
   while free > 0 do
@@ -107,7 +176,7 @@ local function wake(limit, lease, out)
     redis.call('ZREM', KW, t)
     redis.call('ZADD', KH, now + lease, t)
     out[#out + 1] = t
-    out[#out + 1] = message
+    out[#out + 1] = push(t, message)
     free = free - 1
   end
   return out
@@ -128,7 +197,7 @@ end
 
 #: The execution lock's scripts, each run after :data:`LOCK_PRELUDE`.
 LOCK_SCRIPTS = {
-    # KEYS[6] (optional): the job's queueing lock, released when the lock is taken.
+    # KEYS[7] (optional): the job's queueing lock, released when the lock is taken.
     # ARGV: token, limit, lease ms, on_locked ("order", "retry" or "skip"), wait ms (how
     # long a waiting job that stops asking keeps its place).
     # Returns {1, fence, woken...} when taken (or already handed to this job), else
@@ -142,7 +211,7 @@ local function grant()
   redis.call('ZREM', KE, token)
   redis.call('HDEL', KP, token)
   redis.call('ZADD', KH, now + lease, token)
-  if KEYS[6] and redis.call('GET', KEYS[6]) == token then redis.call('DEL', KEYS[6]) end
+  if KEYS[7] and redis.call('GET', KEYS[7]) == token then redis.call('DEL', KEYS[7]) end
   return {1, next_seq()}
 end
 if redis.call('ZSCORE', KH, token) then return grant() end
@@ -218,14 +287,8 @@ return out
 #: At enqueue, a job takes its place in its lock's line ("order"): creation order.
 #: KEYS: the lock's line, seq and arrival keys. ARGV: token, ms it may take to reach a
 #: worker (then its place is given up). Returns its ticket.
-ENTER_LINE = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local ticket = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, now * 1000)
-redis.call('SET', KEYS[2], string.format('%d', ticket), 'PX', 3600000)
-redis.call('ZADD', KEYS[1], 'NX', ticket, ARGV[1])
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
-return ticket
+ENTER_LINE = _ENTER_LINE_FUNCTION + """
+return enter_line(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
 """
 
 _HELD_KEYS_MAX = 1024
@@ -291,7 +354,7 @@ class Pending:
 _UNREAD = object()
 
 
-def _acquire_reply(token: str, ttl_ms: int) -> Callable[[Any], tuple[bool, str, int]]:
+def acquire_reply(token: str, ttl_ms: int) -> Callable[[Any], tuple[bool, str, int]]:
     def parse(reply: Any) -> tuple[bool, str, int]:
         if reply is None:
             return True, token, ttl_ms
@@ -313,11 +376,14 @@ class Store:
         self.cluster = isinstance(client, RedisCluster)
         #: A pinned store (tests: fakeredis) is kept whatever the app's settings say.
         self.pinned = pinned
-        self._acquire_queueing = client.register_script(ACQUIRE_QUEUEING_LOCK)
+        self.acquire_queueing = client.register_script(ACQUIRE_QUEUEING_LOCK)
         self._release = client.register_script(RELEASE_LOCK)
         self.lock_scripts = {name: client.register_script(LOCK_PRELUDE + body)
                              for name, body in LOCK_SCRIPTS.items()}
-        self._enter_line = client.register_script(ENTER_LINE)
+        self.enter_line = client.register_script(ENTER_LINE)
+        #: Run on kombu's connection by the broker hook (``client=``), not on ours.
+        self.push_script = client.register_script(PUSH_WITH_LOCKS)
+        self._peek = client.register_script(PEEK_QUEUEING_LOCK)
         #: Keys recently found held (an ordered set): a hint of where to wait for the
         #: next reply on them, never a decision; a key is dropped when next taken.
         self.held_keys: dict[str, None] = {}
@@ -347,20 +413,24 @@ class Store:
 
     def acquire_queueing_lock(self, key: str, token: str, ttl_ms: int) -> tuple[bool, str, int]:
         """Take ``key`` for ``token``; else return ``(False, holder, pttl_ms)``."""
-        reply = self.run(self._acquire_queueing, [key], [token, ttl_ms])
-        return _acquire_reply(token, ttl_ms)(reply)
+        reply = self.run(self.acquire_queueing, [key], [token, ttl_ms])
+        return acquire_reply(token, ttl_ms)(reply)
 
     def send_acquire_now(self, key: str, token: str, ttl_ms: int) -> Pending:
         """:meth:`acquire_queueing_lock`, its reply already read."""
-        pending = Pending(self, self._acquire_queueing, [key], [token, ttl_ms],
-                          _acquire_reply(token, ttl_ms))
+        pending = Pending(self, self.acquire_queueing, [key], [token, ttl_ms],
+                          acquire_reply(token, ttl_ms))
         pending.result()
         return pending
 
     def send_acquire(self, key: str, token: str, ttl_ms: int) -> Pending:
         """Send :meth:`acquire_queueing_lock` now and read its reply later."""
-        return self.send(self._acquire_queueing, [key], [token, ttl_ms],
-                         _acquire_reply(token, ttl_ms))
+        return self.send(self.acquire_queueing, [key], [token, ttl_ms],
+                         acquire_reply(token, ttl_ms))
+
+    def send_peek(self, key: str, token: str) -> Pending:
+        """Send :data:`PEEK_QUEUEING_LOCK` now; its reply parses as an acquire's."""
+        return self.send(self._peek, [key], [token], acquire_reply(token, 0))
 
     def remember_held(self, key: str) -> None:
         """Note that ``key`` was found held (bounded: the oldest is dropped)."""
@@ -378,18 +448,20 @@ class Store:
 
     def send_enter_line(self, base: str, token: str, wait_ms: int) -> Pending:
         """Send :data:`ENTER_LINE` for the lock ``base`` now; read its reply later."""
-        line, _, seq, arrival = lock_keys(base)[1:]
-        return self.send(self._enter_line, [line, seq, arrival], [token, wait_ms], _same)
+        return self.send(self.enter_line, line_keys(base), [token, wait_ms], _same)
 
-    def lock(self, name: str, base: str, args: list[Any], queueing_key: str | None = None
-             ) -> Any:
+    def lock(self, name: str, base: str, args: list[Any], queueing_key: str | None = None,
+             queue: str | None = None) -> Any:
         """Run the lock script ``name`` (see :data:`LOCK_SCRIPTS`) on the lock ``base``.
 
-        ``queueing_key``: the job's queueing lock, released when ``acquire`` takes the lock.
+        ``queueing_key``: the job's queueing lock, released when ``acquire`` takes the lock;
+        ``queue``: the calling job's queue, where parked kombu messages are pushed.
         """
         keys = lock_keys(base)
-        if queueing_key and not self.cluster:
-            keys.append(queueing_key)
+        if not self.cluster:
+            keys.append(queue or "")
+            if queueing_key:
+                keys.append(queueing_key)
         reply = self.run(self.lock_scripts[name], keys, args)
         if queueing_key and self.cluster and reply[0] == 1:
             # On a cluster the two keys live in different slots, which one script may not
@@ -437,6 +509,12 @@ class Store:
 def lock_keys(base: str) -> list[str]:
     """The keys of one execution lock, in the order :data:`LOCK_PRELUDE` names them."""
     return [f"{base}:{suffix}" for suffix in ("holders", "line", "parked", "seq", "arrival")]
+
+
+def line_keys(base: str) -> list[str]:
+    """The keys :data:`ENTER_LINE` takes: the lock's line, seq and arrival."""
+    keys = lock_keys(base)
+    return [keys[1], keys[3], keys[4]]
 
 
 _stores: weakref.WeakKeyDictionary[Celery, Store] = weakref.WeakKeyDictionary()

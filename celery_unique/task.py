@@ -6,16 +6,17 @@ import inspect
 import logging
 import sys
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from celery import Celery, Task, signals
 from celery.canvas import Signature
 from celery.result import AsyncResult
 from celery.states import REJECTED, RETRY
-from celery.utils import uuid
 
 from . import signals as unique_signals
+from .broker import HEADER, Duplicate
+from .enqueue import Enqueue
 from .exceptions import AlreadyQueued
 from .keys import (
     Binder,
@@ -27,7 +28,7 @@ from .keys import (
     task_signature,
 )
 from .lock import Lock, acquire_lock, release_lock
-from .scripts import Pending, Store, get_store, release_quietly
+from .scripts import Store, get_store, release_quietly
 from .settings import (
     CALL_OPTIONS,
     ON_DUPLICATE,
@@ -47,11 +48,6 @@ _VALUE_OPTIONS = ("on_duplicate", "queueing_lock_timeout", "queueing_lock_until"
                   "lock_timeout")
 
 logger = logging.getLogger(__name__)
-
-#: The message header carrying a job's locks to the worker: ``{"q": key, "until": mode,
-#: "t": lease in ms}``. The worker never rebuilds a key it can read here.
-HEADER = "celery_unique"
-
 
 
 class UniqueTask(Task):  # type: ignore[misc]
@@ -172,6 +168,8 @@ class UniqueTask(Task):  # type: ignore[misc]
         """Check per-call options; return the queueing spec to use."""
         if self._unique_binder is None:  # bound lazily: make sure on_bound ran
             type(self).on_bound(self._get_app())
+        if not per_call:
+            return self._unique_queueing
         self._unique_check_values(per_call, where=f"{self.name} (per call)")
         if "queueing_lock" not in per_call and "unique_on" not in per_call:
             return self._unique_queueing
@@ -199,111 +197,40 @@ class UniqueTask(Task):  # type: ignore[misc]
             return super(UniqueTask, self).apply_async(
                 args, kwargs, task_id=task_id, producer=producer, link=link,
                 link_error=link_error, shadow=shadow, **options)
-        if (
-            task_id is not None
-            and options.get("retries")
-            and isinstance(headers.get(HEADER), dict)
-            and task_id == self.request.id
-            and not self.request.called_directly
-        ):
-            # A retry re-publishes the running job under its own id: it re-enters the
-            # queue, so it takes its lock again. It is published whatever the answer: a
-            # retry is never dropped because another job took the lock meanwhile.
-            info = headers[HEADER]
-            if info.get("q"):
-                ttl_ms = int(info["t"] + 1000 * wait_seconds(options.get("countdown"),
-                                                             options.get("eta")))
-                self._unique_store().acquire_queueing_lock(info["q"], task_id, ttl_ms)
-            return publish(task_id)
 
+        if self._unique_is_own_retry(task_id, options, headers):
+            return publish(task_id)
         spec = self._unique_check_call(per_call)
         lock_spec = self._unique_lock_spec(per_call)
         if spec is None and lock_spec is None:
             return publish(task_id)
         args, kwargs = tuple(args or ()), dict(kwargs or {})
-        wait = wait_seconds(options.get("countdown"), options.get("eta"))
-        task_id = task_id or uuid()
-        store = self._unique_store()
-        app = self._get_app()
-        eager = app.conf.task_always_eager
-        sent: dict[str, Any] = {}
-        lock = line = None
-        if lock_spec is not None:
-            lock = self._unique_make_lock(lock_spec, args, kwargs, per_call)
-            sent.update(lock.header())
-            # "order": the job's place in line is its creation order, taken now. A job
-            # with a countdown or eta takes its place when it reaches a worker.
-            if lock.mode == "order" and not wait and not eager:
-                line = lock
-        entered: list[Pending] = []
-
-        def enter_line() -> None:
-            if line is not None:
-                entered.append(store.send_enter_line(line.base, task_id, line.wait_ms))
-
-        def leave_line() -> None:
-            for each in entered:
-                each.settle()
-            if entered and line is not None:
-                release_lock(self, task_id, line, "publish failed")
-
-        pending: Pending | None = None
-        where = "lock only"
-        if spec is not None:
-            timeout = self._unique_option("queueing_lock_timeout", per_call)
-            on_duplicate = self._unique_option("on_duplicate", per_call)
-            key = build_key(self._unique_defaults["key_prefix"], "q", self.name,
-                            spec.render(args, kwargs))
-            lease_ms = int(timeout * 1000)
-            ttl_ms = lease_ms + int(1000 * wait)
-            if eager:
-                # Eager mode runs the job in line, without routing or producer: wait first.
-                pending = store.send_acquire_now(key, task_id, ttl_ms)
-                where = "now"
-            else:
-                # The command is sent now and its reply read while Celery works: the round
-                # trip overlaps Celery's message building instead of preceding it.
-                pending = store.send_acquire(key, task_id, ttl_ms)
-                where = ("route" if key in store.held_keys or options.get("connection")
-                         else "publish")
-            sent.update(q=key, t=lease_ms,
-                        until=self._unique_option("queueing_lock_until", per_call))
-        options["headers"] = {**headers, HEADER: sent}
+        plan = Enqueue(self, spec, lock_spec, args, kwargs, task_id, per_call, options)
+        options["headers"] = {**headers, HEADER: plan.header}
         try:
-            if pending is None:
-                enter_line()
-                return publish(task_id)
-            if where == "now":
-                _check(pending, enter_line)
-                return publish(task_id)
-            if where == "route":
-                # A key found held moments ago (duplicates come in bursts) is checked
-                # when Celery routes the message, before it builds it; so is a message
-                # Celery sends on a ``connection`` of its own.
-                options["router"] = _GatedRouter(options.get("router") or app.amqp.router,
-                                                 pending, enter_line)
-                result = publish(task_id)
-                store.held_keys.pop(key, None)
-                return result
-            # Else the reply is read when Celery first uses the producer, once the message
-            # is built: most of the round trip is hidden.
-            with app.producer_or_acquire(producer) as real_producer:
-                return publish(task_id, _GatedProducer(real_producer, pending, enter_line))
-        except _Duplicate as duplicate:
-            store.remember_held(key)
-            return self._unique_duplicate(key, duplicate.holder, duplicate.pttl,
-                                          on_duplicate, args, kwargs, options, headers)
-        except BaseException:
-            # The message was not published (or, in eager mode, the job raised): its locks
-            # would otherwise block others until their leases run out.
-            if pending is not None and (pending.settle() or (False,))[0]:
-                release_quietly(store, key, task_id, "publish failed")
-            leave_line()
-            raise
-        finally:
-            for each in (pending, *entered):
-                if each is not None:
-                    each.settle()
+            return plan.run(publish, producer, options)
+        except Duplicate as duplicate:
+            return self._unique_duplicate(plan.key or "", duplicate.holder, duplicate.pttl,
+                                          plan.on_duplicate, args, kwargs, options, headers)
+
+    def _unique_is_own_retry(self, task_id: str | None, options: Mapping[str, Any],
+                             headers: Mapping[str, Any]) -> bool:
+        """Whether this is a retry of the running job, its queueing lock re-taken if so.
+
+        A retry re-publishes the running job under its own id: it re-enters the queue, so
+        it takes its lock again. It is published whatever the answer: a retry is never
+        dropped because another job took the lock meanwhile.
+        """
+        if not (task_id is not None and options.get("retries")
+                and isinstance(headers.get(HEADER), dict) and task_id == self.request.id
+                and not self.request.called_directly):
+            return False
+        info = headers[HEADER]
+        if info.get("q"):
+            ttl_ms = int(info["t"] + 1000 * wait_seconds(options.get("countdown"),
+                                                         options.get("eta")))
+            self._unique_store().acquire_queueing_lock(info["q"], task_id, ttl_ms)
+        return True
 
     def _unique_lock_spec(self, per_call: Mapping[str, Any]) -> CompiledSpec | None:
         if "lock" not in per_call and "unique_on" not in per_call:
@@ -381,7 +308,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         queueing_key = info.get("q") if info.get("until") == "started" else None
         if lock is not None:
             # Raises Ignore when the job must not run now (parked, re-queued, skipped).
-            acquire_lock(self, lock, queueing_key)
+            acquire_lock(self, lock, queueing_key, info.get("k"))
             if queueing_key:
                 request._unique_released = True  # the lock's script released it
         elif queueing_key:
@@ -397,11 +324,11 @@ class UniqueTask(Task):  # type: ignore[misc]
         if getattr(request, "_unique_parked", False):
             return  # waiting for its lock: it keeps its place and its queueing lock
         lock = getattr(request, "_unique_lock", None)
+        info = _header(request)
         if lock is not None:
             request._unique_lock = None
             # Every end releases the lock, a retry too: it goes to the back of the line.
-            release_lock(self, request.id, lock, state)
-        info = _header(request)
+            release_lock(self, request.id, lock, state, (info or {}).get("k"))
         if info is None or not info.get("q") or getattr(request, "_unique_released", False):
             return
         if state == RETRY and not request.is_eager:
@@ -410,54 +337,6 @@ class UniqueTask(Task):  # type: ignore[misc]
             return  # the message goes back to the queue and will run again
         request._unique_released = True
         release_quietly(self._unique_store(), info["q"], request.id, f"job ended: {state}")
-
-
-class _Duplicate(Exception):
-    """Internal: the lock is held by another job; never leaves :meth:`apply_async`."""
-
-    def __init__(self, holder: str, pttl: int) -> None:
-        super().__init__(holder, pttl)
-        self.holder, self.pttl = holder, pttl
-
-
-def _check(pending: Pending, then: Callable[[], None]) -> None:
-    taken, holder, pttl = pending.result()
-    if not taken:
-        raise _Duplicate(holder, pttl)
-    then()
-
-
-class _GatedRouter:
-    """The router Celery gets for one message: routing, the first thing Celery does with
-    a message, waits for the lock's reply and stops the message on a duplicate."""
-
-    __slots__ = ("_pending", "_router", "_then")
-
-    def __init__(self, router: Any, pending: Pending, then: Callable[[], None]) -> None:
-        self._router, self._pending, self._then = router, pending, then
-
-    def route(self, *args: Any, **kwargs: Any) -> Any:
-        _check(self._pending, self._then)
-        return self._router.route(*args, **kwargs)
-
-
-class _GatedProducer:
-    """The producer Celery gets: its first use (``P.connection``, right after Celery has
-    built the message) waits for the lock's reply and stops the publish on a duplicate.
-    """
-
-    __slots__ = ("_pending", "_producer", "_then")
-
-    def __init__(self, producer: Any, pending: Pending, then: Callable[[], None]) -> None:
-        self._producer, self._then = producer, then
-        self._pending: Pending | None = pending
-
-    def __getattr__(self, name: str) -> Any:
-        pending = self._pending
-        if pending is not None:
-            self._pending = None
-            _check(pending, self._then)
-        return getattr(self._producer, name)
 
 
 def _header(request: Any) -> dict[str, Any] | None:

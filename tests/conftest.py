@@ -24,20 +24,33 @@ def app(fake_redis: fakeredis.FakeRedis) -> Iterator[Celery]:
     app.close()
 
 
-@pytest.fixture
-def redis_app(unique_redis_server) -> Iterator[Celery]:  # type: ignore[no-untyped-def]
-    """An app whose broker (db 2) and lock store (db 1) are the private Redis server."""
+#: The two enqueue paths: the lock store is the broker's database (the default; locks
+#: taken by the push script) or another database (locks taken before the push).
+PATHS = ("atomic", "separate")
+
+
+@pytest.fixture(params=PATHS)
+def redis_app(request: pytest.FixtureRequest, unique_redis_server) -> Iterator[Celery]:  # type: ignore[no-untyped-def]
+    """An app whose broker (db 2) and lock store (db 2, or db 1) are the private server."""
     import uuid
 
     import redis
 
+    from celery_unique import broker
+    from celery_unique.scripts import get_store
+
     url = unique_redis_server.url
-    redis.Redis.from_url(f"{url}/1").flushdb()
+    store_db = 2 if request.param == "atomic" else 1
+    store = redis.Redis.from_url(f"{url}/{store_db}")
+    for key in store.scan_iter("celery_unique:*"):
+        store.delete(key)
+    store.close()
     app = Celery("tests", broker=f"{url}/2", set_as_current=False)
-    app.conf.unique_redis_url = f"{url}/1"
+    app.conf.unique_redis_url = f"{url}/{store_db}"
     app.conf.task_publish_retry = False
     # A queue of its own per test, never a flushed broker database: kombu remembers the
     # queues it declared per connection, and would publish to a binding flushed away.
     app.conf.task_default_queue = f"test-{uuid.uuid4().hex}"
+    assert broker.atomic(app, get_store(app)) is (request.param == "atomic")
     yield app
     app.close()

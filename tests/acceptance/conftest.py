@@ -56,18 +56,36 @@ class Worker:
             self.process.wait(10)
 
 
+#: The enqueue paths every acceptance test runs on: the lock store in the broker's
+#: database (db 2, "atomic") or in another one (db 1, "separate").
+STORE_DBS = {"atomic": 2, "separate": 1}
+
+
+@pytest.fixture(scope="session", params=list(STORE_DBS))
+def path(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
-def worker(unique_redis_server: RedisServer) -> Iterator[Worker]:
+def results() -> Iterator[str]:
+    """The results folder, one for the session: the tests' app reads it whichever path."""
+    folder = tempfile.mkdtemp(prefix="celery-unique-results-")
+    os.environ["CELERY_UNIQUE_TEST_RESULTS"] = folder
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def worker(unique_redis_server: RedisServer, path: str, results: str) -> Iterator[Worker]:
     os.environ["CELERY_UNIQUE_TEST_REDIS"] = unique_redis_server.url
-    results = tempfile.mkdtemp(prefix="celery-unique-results-")
-    os.environ["CELERY_UNIQUE_TEST_RESULTS"] = results
+    os.environ["CELERY_UNIQUE_TEST_STORE_DB"] = str(STORE_DBS[path])
+    _use_store_db(STORE_DBS[path], unique_redis_server)
     w = Worker(unique_redis_server)
     try:
         w.wait_ready()
         yield w
     finally:
         w.stop()
-        shutil.rmtree(results, ignore_errors=True)
 
 
 @pytest.fixture
@@ -77,9 +95,23 @@ def tasks(worker: Worker) -> Any:
     return tasks
 
 
+def _use_store_db(db: int, server: RedisServer) -> None:
+    """Point the test process's copy of the tasks' app at the worker's lock store."""
+    from celery_unique import UniqueTask, broker
+    from celery_unique.scripts import get_store
+    from tests.acceptance import tasks
+
+    tasks.app.conf.unique_redis_url = f"{server.url}/{db}"
+    for task in tasks.app.tasks.values():
+        if isinstance(task, UniqueTask):
+            type(task)._unique_store_obj = None
+    assert broker.atomic(tasks.app, get_store(tasks.app)) is (db == 2)
+
+
 @pytest.fixture
-def store(unique_redis_server: RedisServer) -> redis.Redis:
-    return redis.Redis.from_url(f"{unique_redis_server.url}/1")
+def store(unique_redis_server: RedisServer, path: str) -> redis.Redis:
+    """The lock store of the running worker."""
+    return redis.Redis.from_url(f"{unique_redis_server.url}/{STORE_DBS[path]}")
 
 
 @pytest.fixture

@@ -21,6 +21,9 @@ from celery_unique import UniqueTask
 from celery_unique import signals as unique_signals
 
 SERVER = os.environ.get("CELERY_UNIQUE_TEST_REDIS", "redis://127.0.0.1:6379")
+# The lock store: the broker's own database (2: the atomic path, locks taken by the push
+# script) or another one (1: locks taken before the push).
+STORE_DB = os.environ.get("CELERY_UNIQUE_TEST_STORE_DB", "1")
 # Results go through Celery's filesystem backend, not Redis: Celery < 5.6's Redis result
 # backend can deadlock the caller when AsyncResult.__del__ re-enters redis-py 5's pub/sub
 # lock (celery/celery#10477). Polling files keeps the tests about our locks.
@@ -28,7 +31,7 @@ RESULTS = os.environ.get("CELERY_UNIQUE_TEST_RESULTS", "/tmp/celery-unique-resul
 os.makedirs(RESULTS, exist_ok=True)
 app = Celery("acceptance", broker=f"{SERVER}/2", backend=f"file://{RESULTS}")
 app.conf.update(
-    unique_redis_url=f"{SERVER}/1",
+    unique_redis_url=f"{SERVER}/{STORE_DB}",
     task_publish_retry=False,
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
@@ -247,3 +250,22 @@ def frozen(self: Any, run: str, n: int) -> None:
 @unique_signals.lock_lost.connect
 def _record_lost(sender: Any = None, key: str = "", task_id: str = "", **_: Any) -> None:
     coord.set(f"lost:{task_id}", key)
+
+
+@app.task(base=UniqueTask, lock="handover_{run}", lock_timeout=4, name="acceptance.handover",
+          queue="locks", bind=True)
+def handover(self: Any, run: str, n: int, kill: bool = False) -> None:
+    """Job 0 releases its lock by the release script itself, then its process is killed
+    before anything else runs: what a releasing worker that dies there leaves."""
+    from celery_unique.task import _header
+
+    coord.rpush(f"starts:{run}", json.dumps([n, time.time()]))
+    if kill:
+        wait_go(run)
+        lock, info = self.request._unique_lock, _header(self.request) or {}
+        self._unique_store().lock("release", lock.base,
+                                  [self.request.id, lock.limit, lock.lease_ms],
+                                  queue=info.get("k"))
+        coord.set(f"released:{run}", time.time())
+        os.kill(os.getpid(), signal.SIGKILL)
+    coord.rpush(f"ends:{run}", n)

@@ -110,7 +110,7 @@ def test_bad_input_leaves_no_lock_and_no_message(redis_app: Celery) -> None:
         t.delay({})
     with pytest.raises(Exception, match="on_duplicate"):
         t.apply_async(({"x": "1"},), on_duplicate="nope")
-    assert client(redis_app).keys("*") == []
+    assert client(redis_app).keys("celery_unique:*") == []
     assert broker(redis_app).llen(QUEUE(redis_app)) == 0
 
 
@@ -170,7 +170,7 @@ def test_failed_publish_releases_the_lock(redis_app: Celery) -> None:
         with pytest.raises(Exception) as info:
             t.delay()
         assert not isinstance(info.value, (AlreadyQueued, LockStoreUnavailable))
-        assert client(redis_app).keys("*") == []
+        assert client(redis_app).keys("celery_unique:*") == []
 
 
 def test_connections_killed_or_scripts_flushed_between_calls(redis_app: Celery) -> None:

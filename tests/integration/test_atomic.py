@@ -1,0 +1,285 @@
+"""The atomic enqueue against a real Redis: a publisher killed mid-enqueue, command
+counts, kombu's internals pinned, and the fallback when they no longer match."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from celery_unique import AlreadyQueued, UniqueTask, broker
+from celery_unique.scripts import get_store
+from celery_unique.testing import RedisServer, wait_for
+
+
+def make_app(url: str, store_db: int, queue: str) -> Celery:
+    app = Celery("tests", broker=f"{url}/2", set_as_current=False)
+    app.conf.update(unique_redis_url=f"{url}/{store_db}", task_publish_retry=False,
+                    task_default_queue=queue)
+    return app
+
+
+def _publish_forever(url: str, store_db: int, queue: str, prefix: str) -> None:
+    """The publisher: distinct keys, one after the other, until it is killed."""
+    app = make_app(url, store_db, queue)
+
+    @app.task(base=UniqueTask, queueing_lock="{n}", name="tests.killed", shared=False)
+    def killed(n: str) -> None: ...
+
+    i = 0
+    while True:
+        killed.delay(f"{prefix}-{i}")
+        i += 1
+
+
+def kill_publishers(server: RedisServer, store_db: int, kills: int) -> dict[str, int]:
+    """SIGKILL a publishing process at random moments; count locks and messages."""
+    queue = f"killed-{uuid.uuid4().hex}"
+    broker_db = redis.Redis.from_url(f"{server.url}/2")
+    store = redis.Redis.from_url(f"{server.url}/{store_db}")
+    context = multiprocessing.get_context("fork")
+    for round_ in range(kills):
+        process = context.Process(target=_publish_forever,
+                                  args=(server.url, store_db, queue, f"{queue}-{round_}"))
+        start = broker_db.llen(queue)
+        process.start()
+        wait_for(lambda start=start: broker_db.llen(queue) >= start + 5, timeout=30,
+                 interval=0.001, what="the publisher to publish")
+        # The fault, at a random moment of the loop (an enqueue takes about 0.5 ms): the
+        # one sleep here is the timing of the kill, not a wait for a condition.
+        time.sleep(random.uniform(0, 0.01))
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(10)
+    messages = {json.loads(m)["headers"]["id"] for m in broker_db.lrange(queue, 0, -1)}
+    locks = {store.get(k).decode() for k in store.scan_iter(f"celery_unique:q:*{queue}*")}
+    return {"kills": kills, "messages": len(messages), "locks": len(locks),
+            "orphan_locks": len(locks - messages), "messages_without_lock": len(messages - locks)}
+
+
+def test_a_killed_publisher_leaves_no_orphan_lock(unique_redis_server: RedisServer) -> None:
+    """50 kills mid-enqueue: every lock has its message and every message its lock."""
+    counts = kill_publishers(unique_redis_server, store_db=2, kills=50)
+    assert counts["messages"] > 50
+    assert counts["orphan_locks"] == 0 and counts["messages_without_lock"] == 0, counts
+
+
+def test_with_locks_taken_before_the_push_a_kill_leaves_orphans(
+    unique_redis_server: RedisServer,
+) -> None:
+    """The same kills with the lock store in another database (the separate path): the
+    lock is taken, the caller dies, no message follows. This is what the atomic path
+    removes, and what shows the test above can fail."""
+    counts = kill_publishers(unique_redis_server, store_db=1, kills=25)
+    assert counts["orphan_locks"] > 0, counts
+    assert counts["messages_without_lock"] == 0, counts
+
+
+# -- command counts --------------------------------------------------------------------
+
+
+@pytest.fixture
+def counting_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+def commandstats(r: redis.Redis) -> dict[str, int]:
+    return {k: v["calls"] for k, v in r.info("commandstats").items()}
+
+
+def counted(server: RedisServer, call: Any, n: int) -> dict[str, int]:
+    r = redis.Redis.from_url(server.url)
+    before = commandstats(r)
+    for i in range(n):
+        call(i)
+    after = commandstats(r)
+    diff = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    diff.pop("cmdstat_info", None)
+    return diff
+
+
+def test_an_atomic_enqueue_runs_plain_celerys_commands(counting_server: RedisServer) -> None:
+    """Accepted: Celery's own commands with its LPUSH run by one EVALSHA (whose script
+    also runs GET and SET); a duplicate: no LPUSH at all."""
+    app = Celery("tests", broker=f"{counting_server.url}/0", set_as_current=False)
+    app.conf.task_default_queue = "counted"
+
+    @app.task(name="tests.plain", shared=False)
+    def plain(n: str) -> None: ...
+
+    @app.task(base=UniqueTask, queueing_lock="{n}", name="tests.unique", shared=False)
+    def unique(n: str) -> None: ...
+
+    plain.delay("warm")
+    unique.delay("warm")  # connections, queue declaration, SCRIPT LOAD
+    assert broker.atomic(app, get_store(app))
+    ours = counted(counting_server, lambda i: unique.delay(f"u{i}"), 20)
+    theirs = counted(counting_server, lambda i: plain.delay(f"p{i}"), 20)
+    assert theirs == {"cmdstat_lpush": 20}
+    assert ours == {"cmdstat_evalsha": 20, "cmdstat_lpush": 20, "cmdstat_get": 20,
+                    "cmdstat_set": 20}
+
+    def duplicate(i: int) -> None:
+        with pytest.raises(AlreadyQueued):
+            unique.delay(f"u{i}")
+
+    refused = counted(counting_server, duplicate, 20)
+    assert "cmdstat_lpush" not in refused
+    assert refused["cmdstat_evalsha"] == 20  # the first by the push, the rest peeked
+    assert redis.Redis.from_url(f"{counting_server.url}/0").llen("counted") == 42
+
+
+# -- kombu's internals ---------------------------------------------------------------
+
+
+def test_the_push_script_pushes_what_kombu_would(redis_app: Celery) -> None:
+    """Pins the shape relied on: the same list key (priority included) and the same
+    message as kombu's own ``_put`` would push, but for the header's queue field."""
+    @redis_app.task(base=UniqueTask, queueing_lock="{n}", shared=False)
+    def t(n: int) -> None: ...
+
+    @redis_app.task(shared=False)
+    def plain(n: int) -> None: ...
+
+    r = redis.Redis.from_url(redis_app.conf.broker_url)
+    queue = redis_app.conf.task_default_queue
+    atomic = broker.atomic(redis_app, get_store(redis_app))
+    for priority in (None, 0, 5, 9):
+        ours = t.apply_async((1,), priority=priority, headers={"x": 1}, expires=60,
+                             queueing_lock=f"p{priority}")
+        theirs = plain.apply_async((1,), priority=priority, headers={"x": 1}, expires=60)
+        messages = {}
+        for key in r.keys(f"{queue}*"):
+            for raw in r.lrange(key, 0, -1):
+                message = json.loads(raw)
+                messages[message["headers"]["id"]] = (key, message)
+        (our_key, mine), (their_key, other) = messages[ours.id], messages[theirs.id]
+        assert our_key == their_key
+        assert set(mine) == set(other) and set(mine["properties"]) == set(other["properties"])
+        assert mine["properties"]["priority"] == other["properties"]["priority"]
+        assert mine["properties"]["delivery_info"] == other["properties"]["delivery_info"]
+        info = mine["headers"].pop("celery_unique")
+        if atomic:
+            assert info["k"] == our_key.decode()
+        else:
+            assert "k" not in info
+        assert set(mine["headers"]) == set(other["headers"])
+
+
+def test_an_unknown_kombu_shape_falls_back_safely(
+    unique_redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kombu's Redis channel without the method the hook needs (a future kombu): the
+    locks are taken before the push, each job published once, duplicates refused."""
+    from kombu.transport import redis as kombu_redis
+
+    monkeypatch.delattr(kombu_redis.Channel, "_q_for_pri")
+    queue = f"shape-{uuid.uuid4().hex}"
+    app = make_app(unique_redis_server.url, 2, queue)
+
+    @app.task(base=UniqueTask, queueing_lock="{n}", shared=False)
+    def t(n: int) -> None: ...
+
+    assert not broker.atomic(app, get_store(app))
+    monkeypatch.undo()  # the publish itself needs kombu whole
+    first = t.delay(1)
+    with pytest.raises(AlreadyQueued):
+        t.delay(1)
+    ids = [json.loads(m)["headers"]["id"] for m in
+           redis.Redis.from_url(f"{unique_redis_server.url}/2").lrange(queue, 0, -1)]
+    assert ids == [first.id]
+
+
+# -- Celery's publishing options, on both paths ------------------------------------------
+
+
+def messages_in(r: redis.Redis, pattern: str) -> dict[str, bytes]:
+    """Message id -> the list holding it, over the lists matching ``pattern``."""
+    found = {}
+    for key in r.scan_iter(pattern):
+        if r.type(key) == b"list":
+            for raw in r.lrange(key, 0, -1):
+                found[json.loads(raw)["headers"]["id"]] = key
+    return found
+
+
+def test_publishing_options_behave_as_plain_celery(redis_app: Celery) -> None:
+    """Routing, countdown, a producer from the pool, a connection of the caller's own and
+    a group: each job lands in the list where the same call on a plain task lands its
+    job, once, with its lock; each duplicate is refused."""
+    from celery import group
+    from kombu import Exchange, Queue
+
+    r = redis.Redis.from_url(redis_app.conf.broker_url)
+    store = redis.Redis.from_url(redis_app.conf.unique_redis_url)
+    tag = uuid.uuid4().hex[:8]
+    default = redis_app.conf.task_default_queue
+    redis_app.conf.task_queues = [
+        Queue(f"routed-{tag}", Exchange(f"ex-{tag}", type="direct"), routing_key=f"rk-{tag}"),
+        Queue(default),
+    ]
+
+    @redis_app.task(base=UniqueTask, queueing_lock="{n}", shared=False)
+    def t(n: str) -> None: ...
+
+    @redis_app.task(shared=False)
+    def plain(n: str) -> None: ...
+
+    pairs: list[tuple[str, str]] = []
+
+    def both(name: str, **options: Any) -> None:
+        ours = t.apply_async((f"{tag}-{name}",), **options)
+        theirs = plain.apply_async((f"{tag}-{name}",), **options)
+        pairs.append((ours.id, theirs.id))
+
+    both("queue", queue=f"other-{tag}")
+    both("routed", queue=f"routed-{tag}")
+    both("rk", exchange=f"ex-{tag}", routing_key=f"rk-{tag}")
+    both("eta", countdown=30)
+    both("priority", priority=7)
+    with redis_app.producer_or_acquire() as producer:
+        both("producer", producer=producer)
+    with redis_app.connection_for_write() as connection:
+        both("conn", connection=connection)
+    ours_g = group(t.s(f"{tag}-g1"), t.s(f"{tag}-g2")).apply_async().results
+    theirs_g = group(plain.s(f"{tag}-g1"), plain.s(f"{tag}-g2")).apply_async().results
+    pairs += [(a.id, b.id) for a, b in zip(ours_g, theirs_g)]
+    for name in ("queue", "routed", "rk", "eta", "priority", "producer", "conn", "g1", "g2"):
+        with pytest.raises(AlreadyQueued):
+            t.delay(f"{tag}-{name}")
+    found = messages_in(r, "*")
+    assert [found.get(ours) for ours, _ in pairs] == [found.get(theirs) for _, theirs in pairs]
+    assert None not in [found.get(ours) for ours, _ in pairs]
+    assert [found[ours] for ours, _ in pairs][:2] == [f"other-{tag}".encode(),
+                                                       f"routed-{tag}".encode()]
+    held = {store.get(k).decode() for k in store.scan_iter(f"celery_unique:q:*{tag}*")}
+    assert held == {ours for ours, _ in pairs}
+
+
+def test_a_fanout_exchange_takes_the_lock_before_kombu_publishes(redis_app: Celery) -> None:
+    from kombu import Exchange
+
+    store = redis.Redis.from_url(redis_app.conf.unique_redis_url)
+    tag = uuid.uuid4().hex[:8]
+
+    @redis_app.task(base=UniqueTask, queueing_lock="{n}", shared=False)
+    def t(n: str) -> None: ...
+
+    fanout = Exchange(f"fan-{tag}", type="fanout")
+    with redis_app.producer_or_acquire() as producer:
+        fanout.declare(channel=producer.channel)
+    first = t.apply_async((tag,), exchange=fanout, routing_key="")
+    with pytest.raises(AlreadyQueued):
+        t.apply_async((tag,), exchange=fanout, routing_key="")
+    assert store.get(f"celery_unique:q:{{{t.name}:{tag}}}") == first.id.encode()
