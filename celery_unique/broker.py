@@ -22,7 +22,6 @@ from typing import Any
 
 from celery import Celery
 from kombu.utils import json as kombu_json
-from redis.exceptions import NoScriptError
 
 from .scripts import Store, acquire_reply
 from .settings import safe_url
@@ -103,13 +102,8 @@ class Push:
         if self.line is not None:
             keys.extend(self.line[0])
             args[3] = str(self.line[1])
-        script = self.store.push_script
         with channel.conn_or_acquire() as client:
-            try:
-                # EVALSHA itself: redis-py's Script adds more than the lock's own cost.
-                reply = client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            except NoScriptError:  # the server restarted or was flushed: load it
-                reply = script(keys=keys, args=args, client=client)
+            reply = self.store.run_on(client, self.store.push_script, keys, args)
         if reply is not None:
             self._refused(reply)
         self.pushed = True

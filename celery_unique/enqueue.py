@@ -25,7 +25,7 @@ from . import broker
 from .broker import Duplicate, Push
 from .keys import build_key
 from .lock import Lock, release_lock
-from .scripts import Pending, Store, line_keys, release_quietly
+from .scripts import Pending, line_keys, release_quietly
 from .settings import wait_seconds
 
 __all__ = ["Enqueue"]
@@ -43,20 +43,22 @@ class Enqueue:
                  kwargs: Mapping[str, Any], task_id: str | None, per_call: Mapping[str, Any],
                  options: Mapping[str, Any]) -> None:
         self.task, self.task_id = task, task_id or uuid()
-        self.store: Store = task._unique_store()
+        self.store = store = task._unique_store()
         app = task._get_app()
+        values = task._unique_defaults if not per_call else {
+            **task._unique_defaults, **{k: v for k, v in per_call.items() if v is not None}}
         # A ``connection`` of the caller's own may be another server's: the safe path.
         self.path = "atomic" if (not options.get("connection")
-                                 and broker.atomic(app, self.store)) else "separate"
+                                 and broker.atomic(app, store)) else "separate"
         self.key: str | None = None
         self.peek: Pending | None = None
         if queueing is not None:
-            self.key = build_key(task._unique_defaults["key_prefix"], "q", task.name,
+            self.key = build_key(values["key_prefix"], "q", task.name,
                                  queueing.render(args, kwargs))
-            if self.path == "atomic" and self.key in self.store.held_keys:
+            if self.path == "atomic" and self.key in store.held_keys:
                 # Sent first, so that the rest of the planning and Celery's own work
                 # overlap its round trip (see _atomic).
-                self.peek = self.store.send_peek(self.key, self.task_id)
+                self.peek = store.send_peek(self.key, self.task_id)
         eager = bool(app.conf.task_always_eager)
         if eager:
             self.path = "now"
@@ -64,23 +66,21 @@ class Enqueue:
                 self.peek.settle()
                 self.peek = None
         wait = wait_seconds(options.get("countdown"), options.get("eta"))
-        option = task._unique_option
+        self.on_duplicate: str = values["on_duplicate"]
         self.header: dict[str, Any] = {}
         self.lock: Lock | None = None
         self.line = False
         if lock_spec is not None:
             self.lock = task._unique_make_lock(lock_spec, args, kwargs, per_call)
-            self.header.update(self.lock.header())
+            self.header = self.lock.header()
             # "order": the job's place in line is its creation order, taken now. A job
             # with a countdown or eta takes its place when it reaches a worker.
             self.line = self.lock.mode == "order" and not wait and not eager
         self.ttl_ms = 0
-        self.on_duplicate = option("on_duplicate", per_call)
         if queueing is not None:
-            lease_ms = int(option("queueing_lock_timeout", per_call) * 1000)
-            self.ttl_ms = lease_ms + int(1000 * wait)
-            self.header.update(q=self.key, t=lease_ms,
-                               until=option("queueing_lock_until", per_call))
+            lease_ms = int(values["queueing_lock_timeout"] * 1000)
+            self.ttl_ms = lease_ms + int(1000 * wait) if wait else lease_ms
+            self.header.update(q=self.key, t=lease_ms, until=values["queueing_lock_until"])
 
     def run(self, publish: Publish, producer: Any, options: dict[str, Any]) -> AsyncResult:
         """Publish with the locks; raises :class:`~celery_unique.broker.Duplicate`."""

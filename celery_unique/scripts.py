@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -309,12 +310,12 @@ class Pending:
     this way is safe to repeat.
     """
 
-    __slots__ = ("_args", "_conn", "_keys", "_parse", "_pool", "_reply", "_script", "_store")
+    __slots__ = ("_args", "_conn", "_keys", "_parse", "_reply", "_script", "_store")
 
     def __init__(self, store: Store, script: Any, keys: list[str], args: list[Any],
-                 parse: Callable[[Any], Any], pool: Any = None, conn: Any = None) -> None:
+                 parse: Callable[[Any], Any], conn: Any = None) -> None:
         self._store, self._script, self._keys, self._args = store, script, keys, args
-        self._parse, self._pool, self._conn = parse, pool, conn
+        self._parse, self._conn = parse, conn
         self._reply: Any = _UNREAD
 
     def result(self) -> Any:
@@ -326,15 +327,15 @@ class Pending:
             try:
                 reply = conn.read_response()
             except redis.ResponseError:  # NOSCRIPT: the server restarted or was flushed
-                self._pool.release(conn)
+                self._store.give_back(conn)
             except BaseException as exc:
-                # A broken connection must not go back to the pool with a reply unread.
+                # A broken connection must not be used again with a reply unread.
                 conn.disconnect()
-                self._pool.release(conn)
+                self._store.give_back(conn)
                 if not isinstance(exc, Exception):
                     raise
             else:
-                self._pool.release(conn)
+                self._store.give_back(conn)
                 self._reply = self._parse(reply)
                 return self._reply
         self._reply = self._parse(self._store.run(self._script, self._keys, self._args))
@@ -384,6 +385,7 @@ class Store:
         #: Run on kombu's connection by the broker hook (``client=``), not on ours.
         self.push_script = client.register_script(PUSH_WITH_LOCKS)
         self._peek = client.register_script(PEEK_QUEUEING_LOCK)
+        self._spare = threading.local()
         #: Keys recently found held (an ordered set): a hint of where to wait for the
         #: next reply on them, never a decision; a key is dropped when next taken.
         self.held_keys: dict[str, None] = {}
@@ -481,7 +483,7 @@ class Store:
             pending.result()
             return pending
         try:
-            conn = pool.get_connection(*self._pool_args)
+            conn = self._take(pool)
         except _CONNECTION_ERRORS:
             pending.result()
             return pending
@@ -490,11 +492,70 @@ class Store:
         except Exception:
             # A stale connection (the server restarted): the client's own retry decides.
             conn.disconnect()
-            pool.release(conn)
+            self.give_back(conn)
             pending.result()
             return pending
-        pending._pool, pending._conn = pool, conn
+        pending._conn = conn
         return pending
+
+    def _take(self, pool: Any = None) -> Any:
+        """A connection of ``pool`` (ours by default) for one command: the thread's own.
+
+        Each thread keeps one connection per pool between enqueues: checking one out of
+        redis-py's pool costs a health check per call. Two commands sent ahead at once (a
+        queueing lock and a place in line) take the second from the pool.
+        """
+        pool = pool or self.pool
+        kept = self._spares().pop(id(pool), None)
+        if kept is not None and kept[0] is pool:
+            return kept[1]
+        return pool.get_connection(*self._pool_args)
+
+    def give_back(self, conn: Any, pool: Any = None) -> None:
+        """Keep ``conn`` as the thread's connection of ``pool``, or return it there."""
+        pool = pool or self.pool
+        spares = self._spares()
+        kept = spares.get(id(pool))
+        if kept is None or kept[0] is not pool:
+            spares[id(pool)] = (pool, conn)
+        else:
+            pool.release(conn)
+
+    def _spares(self) -> dict[int, tuple[Any, Any]]:
+        local = self._spare
+        if getattr(local, "pid", None) != os.getpid():
+            # First use in this thread, or made before a fork: the parent's sockets are
+            # never used here.
+            local.pid, local.conns = os.getpid(), {}
+        conns: dict[int, tuple[Any, Any]] = local.conns
+        return conns
+
+    def run_on(self, client: Any, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run ``script`` on another client's server (kombu's, for the broker hook).
+
+        The command goes straight onto one of the client's pooled connections: a client
+        call costs more than the lock's own work. Anything but a clean reply goes through
+        the client's own call, with its retries (a script repeated is safe).
+        """
+        pool = client.connection_pool
+        try:
+            conn = self._take(pool)
+        except _CONNECTION_ERRORS:
+            return script(keys=keys, args=args, client=client)
+        try:
+            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            reply = conn.read_response()
+        except redis.ResponseError:  # NOSCRIPT: the server restarted or was flushed
+            self.give_back(conn, pool)
+            return script(keys=keys, args=args, client=client)
+        except BaseException as exc:
+            conn.disconnect()  # a reply may be left unread: never used again as it is
+            self.give_back(conn, pool)
+            if isinstance(exc, _CONNECTION_ERRORS):  # a stale connection: the client retries
+                return script(keys=keys, args=args, client=client)
+            raise
+        self.give_back(conn, pool)
+        return reply
 
     def run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
