@@ -14,6 +14,7 @@ publishes through the path chosen once per app:
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,8 @@ from .scripts import Pending, line_keys, release_quietly
 from .settings import wait_seconds
 
 __all__ = ["Enqueue"]
+
+logger = logging.getLogger(__name__)
 
 Publish = Callable[..., AsyncResult]
 
@@ -115,8 +118,10 @@ class Enqueue:
             if peek is not None:
                 peek.settle()
         if not push.pushed:
-            # Nothing came through kombu's Redis put (an exchange type it never calls):
-            # the locks are taken now, late rather than never.
+            # Nothing came through kombu's Redis put, which every exchange type of kombu's
+            # Redis transport calls: a kombu that publishes some other way. The locks are
+            # taken now, late rather than never, and it is said once.
+            _warn_unpushed(self.task)
             push.take()
         if key is not None:
             store.held_keys.pop(key, None)
@@ -172,6 +177,17 @@ class Enqueue:
         finally:
             for each in entered if pending is None else (pending, *entered):
                 each.settle()
+
+
+_warned: set[str] = set()
+
+
+def _warn_unpushed(task: Task) -> None:
+    if task.name not in _warned:
+        _warned.add(task.name)
+        logger.warning("celery-unique: %s was published without kombu's Redis put: its locks"
+                       " were taken after the publish (please report this kombu version)",
+                       task.name)
 
 
 def _forget_result(task: Task, task_id: str) -> None:
