@@ -104,11 +104,14 @@ def acquire_lock(task: Task, lock: Lock, queueing_key: str | None, queue: str | 
             _requeue(task, lock)
         else:
             message = _message(task, store)
-            reply = store.lock("park", lock.base, [token, lock.limit, lock.lease_ms, message],
-                               queue=queue)
+            registry = waiting_key(task.app)
+            reply = store.lock("park", lock.base, [token, lock.limit, lock.lease_ms, message,
+                                                   lock.base], queue=queue, registry=registry)
+            # Parked: from here on nothing may fail the job, which will run when woken.
+            if store.cluster:
+                _watch(store, lock, registry)
             _publish_woken(task.app, reply[3:], store)
             _waiting(task, lock, holder, "parked")
-            _watch(store, lock, waiting_key(task.app))
         raise Ignore()
 
 
@@ -213,9 +216,16 @@ def _publish_woken(app: Celery, woken: list[Any], store: Store | None = None) ->
 
 
 def _watch(store: Store, lock: Lock, key: str) -> None:
-    """Register the lock for the sweepers: its holder may die without releasing."""
+    """Register the lock for the sweepers (a Cluster: the registry is in another slot).
+
+    Its holder may die without releasing. A failure is logged, not raised: the job is
+    parked already, and the next park or release of the lock registers it again.
+    """
     member = f"{lock.limit}|{lock.lease_ms}|{lock.base}"
-    store.client.zadd(key, {member: time.time() * 1000 + lock.lease_ms})
+    try:
+        store.client.zadd(key, {member: time.time() * 1000 + lock.lease_ms})
+    except Exception:
+        logger.exception("celery-unique: could not register %s for the sweepers", lock.base)
 
 
 def waiting_key(app: Celery) -> str:

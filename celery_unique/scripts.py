@@ -233,8 +233,9 @@ redis.call('ZADD', KE, now + tonumber(ARGV[5]), token)
 return wake(limit, lease, {0, holder(), redis.call('ZRANK', KW, token)})
 """,
     # A waiting job leaves its message and its worker slot. ARGV: token, limit, lease ms,
-    # message. Returns {0, a holder's token, place in line, woken...}; a place freed since
-    # the job asked is handed to the front of the line, this job included, at once.
+    # message, the lock's base. KEYS[7] (single server): the sweepers' registry. Returns
+    # {0, a holder's token, place in line, woken...}; a place freed since the job asked is
+    # handed to the front of the line, this job included, at once.
     "park": """
 local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 expire()
@@ -243,6 +244,11 @@ if not redis.call('ZSCORE', KW, token) then
 end
 redis.call('ZREM', KE, token)
 redis.call('HSET', KP, token, ARGV[4])
+if KEYS[7] then
+  -- Registered for the sweepers in the same script: a parked job is never left where
+  -- no sweep looks, whatever fails after this.
+  redis.call('ZADD', KEYS[7], now + lease, ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[5])
+end
 return wake(limit, lease, {0, holder(), redis.call('ZRANK', KW, token) or -1})
 """,
     # A job ends, or leaves the line (revoked, expired, its publish failed).
@@ -453,17 +459,19 @@ class Store:
         return self.send(self.enter_line, line_keys(base), [token, wait_ms], _same)
 
     def lock(self, name: str, base: str, args: list[Any], queueing_key: str | None = None,
-             queue: str | None = None) -> Any:
+             queue: str | None = None, registry: str | None = None) -> Any:
         """Run the lock script ``name`` (see :data:`LOCK_SCRIPTS`) on the lock ``base``.
 
         ``queueing_key``: the job's queueing lock, released when ``acquire`` takes the lock;
-        ``queue``: the calling job's queue, where parked kombu messages are pushed.
+        ``queue``: the calling job's queue, where parked kombu messages are pushed;
+        ``registry``: the sweepers' registry, where ``park`` registers the lock. None of
+        them on a Cluster: they live in other slots.
         """
         keys = lock_keys(base)
         if not self.cluster:
             keys.append(queue or "")
-            if queueing_key:
-                keys.append(queueing_key)
+            if queueing_key or registry:
+                keys.append(queueing_key or registry or "")
         reply = self.run(self.lock_scripts[name], keys, args)
         if queueing_key and self.cluster and reply[0] == 1:
             # On a cluster the two keys live in different slots, which one script may not

@@ -80,13 +80,29 @@ def safe_url(url: str) -> str:
     return url
 
 
+#: The shortest leases accepted, in seconds. A queueing lock's lease is whole milliseconds
+#: (Redis' PX). A lock's lease is renewed every third of it by a thread that a garbage
+#: collection, a loaded machine or a slow round trip can delay by tenths of a second:
+#: below half a second, renewals would come too late to keep the lock (jobs would
+#: overlap) while costing several calls a second per job.
+FLOORS = {"queueing_lock_timeout": 0.001, "lock_timeout": 0.5}
+
+
 def check_timeout(value: Any, *, option: str, where: str) -> float:
+    """A lease in seconds: a finite number, at least the option's floor (:data:`FLOORS`)."""
+    floor = FLOORS[option.removeprefix("unique_")]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
         math.isfinite(value) and value > 0
     ):
         raise ConfigurationError(
             f"{where}: {option} must be a positive number of seconds, got {value!r}",
-            option=option, value=value, where=where,
+            option=option, value=value, where=where, floor=floor,
+        )
+    if value < floor:
+        raise ConfigurationError(
+            f"{where}: {option}={value!r} is below its floor of {floor} s"
+            f" ({'whole milliseconds' if floor < 0.01 else 'renewals could not keep up'})",
+            option=option, value=value, where=where, floor=floor,
         )
     return float(value)
 

@@ -175,3 +175,22 @@ def test_contending_processes_never_overlap(unique_redis_server: RedisServer) ->
     assert fences == sorted(fences) and len(set(fences)) == 200
     assert [k for k in redis.Redis.from_url(f"{unique_redis_server.url}/1").keys(f"{base}:*")
             if not k.endswith(b":seq")] == []
+
+
+def test_park_registers_the_lock_for_the_sweepers_in_the_same_script(
+    unique_redis_server: RedisServer,
+) -> None:
+    """Nothing after a park can leave a parked job where no sweep looks (a separate
+    registration used to fail the parked job with a raw ConnectionError)."""
+    store = make_store(unique_redis_server)
+    lock = Lock(store)
+    registry = "celery_unique:l:waiting"
+    store.client.delete(registry)
+    assert lock.acquire("a")[0] == 1
+    lock.acquire("b")
+    reply = store.lock("park", lock.base, ["b", lock.limit, lock.lease, "message-b", lock.base],
+                       registry=registry)
+    assert [text(x) for x in reply[:3]] == [0, "a", 0]
+    member = f"{lock.limit}|{lock.lease}|{lock.base}"
+    server_ms = store.client.time()[0] * 1000
+    assert server_ms < store.client.zscore(registry, member) <= server_ms + lock.lease + 1000

@@ -156,3 +156,40 @@ def test_failed_publish_leaves_the_line(app: Celery, fake_redis: Any) -> None:
     with pytest.raises(Exception):  # noqa: B017 - the broker's error
         t.delay()
     assert lock_keys(fake_redis) == []
+
+
+@pytest.mark.parametrize("option, value", [
+    ("lock_timeout", 0.001),  # the issue's 0 ms lease: 3 overlaps in 4 jobs
+    ("lock_timeout", 0.49),
+    ("queueing_lock_timeout", 0.0001),  # Redis' raw "invalid expire time" otherwise
+])
+def test_a_lease_below_its_floor_is_refused_naming_it(
+    app: Celery, fake_redis: Any, option: str, value: float
+) -> None:
+    from celery_unique.settings import FLOORS
+
+    app.finalize()
+    with pytest.raises(ConfigurationError, match=rf"{option}={value} is below its floor of"
+                       rf" {FLOORS[option]} s") as created:
+        @app.task(base=UniqueTask, lock="x", queueing_lock="q", shared=False, **{option: value})
+        def t() -> None: ...
+    assert (created.value.option, created.value.value) == (option, value)
+
+    @app.task(base=UniqueTask, lock="x", queueing_lock="q", shared=False)
+    def u() -> None: ...
+
+    with pytest.raises(ConfigurationError, match=rf"\(per call\): {option}={value} is below"):
+        u.apply_async(**{option: value})
+    assert fake_redis.keys("*") == []  # nothing taken, nothing published
+    app.conf[f"unique_{option}"] = value  # the app-wide setting: checked at creation
+    with pytest.raises(ConfigurationError, match=f"unique_{option}={value} is below"):
+        @app.task(base=UniqueTask, lock="x", shared=False)
+        def v() -> None: ...
+
+
+def test_leases_at_their_floors_are_accepted(app: Celery) -> None:
+    @app.task(base=UniqueTask, lock="x", queueing_lock="q", lock_timeout=0.5,
+              queueing_lock_timeout=0.001, shared=False)
+    def t() -> None: ...
+
+    assert t.apply_async().id
