@@ -277,19 +277,49 @@ def sweep(app: Celery) -> int:
     return woken
 
 
-def _start_sweeping(sender: Any = None, **_: Any) -> None:
-    app = sender.app
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """A worker sweeps only where locks are used: at once when one of its tasks has a
+    ``lock``, at the first locked job it receives when its tasks are unique ones that
+    may be given a lock per call, never otherwise (no timer, no connection)."""
+    consumer = sender
+    tasks = [t for t in consumer.app.tasks.values() if hasattr(type(t), "_unique_lock")]
+    if any(t._unique_lock is not None for t in tasks):
+        _start_sweeping(consumer)
+    elif tasks:
+        def on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
+            info = (getattr(request, "request_dict", None) or {}).get("celery_unique")
+            if sender is consumer and isinstance(info, dict) and info.get("l"):
+                signals.task_received.disconnect(on_received)
+                _start_sweeping(consumer)
+
+        signals.task_received.connect(on_received, weak=False)
+
+
+def _start_sweeping(consumer: Any) -> None:
+    app = consumer.app
+    failing = False
 
     def run() -> None:
+        nonlocal failing
         try:
             sweep(app)
         except Exception:
-            logger.exception("celery-unique: sweeping the locks failed")
+            # Said once per outage, not four times a second: the sweep goes on by itself.
+            if not failing:
+                logger.exception("celery-unique: sweeping the locks failed; trying again"
+                                 " every %s s", SWEEP_INTERVAL)
+            failing = True
+        else:
+            if failing:
+                logger.warning("celery-unique: sweeping the locks works again")
+            failing = False
 
-    sender.timer.call_repeatedly(SWEEP_INTERVAL, run)
+    consumer.timer.call_repeatedly(SWEEP_INTERVAL, run)
+    logger.info("celery-unique: sweeping the locks of dead holders every %s s",
+                SWEEP_INTERVAL)
 
 
-signals.worker_ready.connect(_start_sweeping, weak=False)
+signals.worker_ready.connect(_on_worker_ready, weak=False)
 
 
 # -- renewing ----------------------------------------------------------------------------

@@ -340,8 +340,10 @@ class UniqueTask(Task):  # type: ignore[misc]
 
 
 def _header(request: Any) -> dict[str, Any] | None:
-    headers = getattr(request, "headers", None) or {}
-    info = headers.get(HEADER) or getattr(request, HEADER, None)
+    headers = getattr(request, "headers", None)
+    # Celery's own tests run jobs eagerly with headers that are not a dict.
+    info = (headers.get(HEADER) if isinstance(headers, dict) else None) or getattr(
+        request, HEADER, None)
     return info if isinstance(info, dict) and (info.get("q") or info.get("l")) else None
 
 

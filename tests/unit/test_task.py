@@ -429,3 +429,17 @@ def test_groups_chords_and_chains_take_the_lock(app: Celery, published: list[str
         chord([t.s(4), t.s(2)], plain.s()).delay()
     # 1, 2 (first group), 3 (published before its sibling was refused), 4 (chord header)
     assert len(published) == 4
+
+
+@pytest.mark.parametrize("headers", [["x", 1], ("x",), "x"])
+def test_headers_that_are_not_a_dict_run_as_a_plain_task(app: Celery, headers: Any) -> None:
+    """Celery's own tests run jobs eagerly with such headers: no lock, no error."""
+    @app.task(base=UniqueTask, shared=False)
+    def t(a: int) -> int:
+        return a + 1
+
+    @app.task(shared=False)
+    def plain(a: int) -> int:
+        return a + 1
+
+    assert t.apply((1,), headers=headers).get() == plain.apply((1,), headers=headers).get() == 2

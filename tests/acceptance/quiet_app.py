@@ -1,0 +1,38 @@
+"""A worker's app whose tasks use no lock (the unique task may be given one per call).
+
+Its broker and its lock store are two different servers (``CELERY_UNIQUE_QUIET_BROKER``,
+``CELERY_UNIQUE_QUIET_STORE``), so the tests can count connections to the store alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+from celery_unique import UniqueTask
+
+app = Celery("quiet", broker=os.environ.get("CELERY_UNIQUE_QUIET_BROKER"))
+app.conf.update(
+    unique_redis_url=os.environ.get("CELERY_UNIQUE_QUIET_STORE"),
+    task_default_queue=os.environ.get("CELERY_UNIQUE_QUIET_QUEUE", "quiet"),
+    broker_connection_retry_on_startup=True,
+    task_ignore_result=True,
+)
+BROKER = app.connection_for_write().as_uri(include_password=True)
+
+
+@app.task(name="quiet.plain")
+def plain(key: str) -> None:
+    _done(key)
+
+
+@app.task(base=UniqueTask, name="quiet.unique")
+def unique(key: str) -> None:
+    _done(key)
+
+
+def _done(key: str) -> None:
+    import redis
+
+    redis.Redis.from_url(BROKER).rpush("quiet:done", key)

@@ -1,0 +1,77 @@
+"""A worker whose tasks use no lock costs nothing: no sweeper, no lock-store connection."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from celery_unique.lock import SWEEP_INTERVAL
+from celery_unique.testing import RedisServer, wait_for
+
+from .conftest import Worker
+
+pytestmark = pytest.mark.acceptance
+
+
+@pytest.fixture
+def lock_store() -> Iterator[RedisServer]:
+    """The app's lock store: a server of its own, whose connections are counted."""
+    with RedisServer() as server:
+        yield server
+
+
+def connections(server: RedisServer) -> int:
+    client = redis.Redis.from_url(server.url)
+    try:
+        # Our own INFO call is one more each time: counted and taken off.
+        return int(client.info("stats")["total_connections_received"])
+    finally:
+        client.close()
+
+
+def test_a_worker_without_locks_never_connects_to_the_lock_store(
+    unique_redis_server: RedisServer, lock_store: RedisServer
+) -> None:
+    queue = f"quiet-{uuid.uuid4().hex}"
+    broker_url = f"{unique_redis_server.url}/5"
+    env = {"CELERY_UNIQUE_QUIET_BROKER": broker_url, "CELERY_UNIQUE_QUIET_STORE": lock_store.url,
+           "CELERY_UNIQUE_QUIET_QUEUE": queue}
+    os.environ.update(env)
+    from tests.acceptance import quiet_app
+
+    quiet_app.app.conf.update(broker_url=broker_url, unique_redis_url=lock_store.url,
+                              task_default_queue=queue)
+    broker = redis.Redis.from_url(broker_url)
+    broker.delete("quiet:done")
+    before = connections(lock_store)
+    worker = Worker(unique_redis_server, concurrency=2, name="quiet", queues=queue,
+                    app="tests.acceptance.quiet_app", env=env)
+    try:
+        worker.wait_ready()
+        # The worker works for four sweep intervals (0.25 s each): a job of each task
+        # at a time, each waited for, until a second has passed since it was ready.
+        window = time.monotonic() + 4 * SWEEP_INTERVAL
+        n = 0
+        while time.monotonic() < window or n < 10:
+            quiet_app.plain.delay(f"p{n}")
+            quiet_app.unique.delay(f"u{n}")
+            n += 1
+            wait_for(lambda n=n: broker.llen("quiet:done") == 2 * n, timeout=30,
+                     what=f"job pair {n}")
+        # Not one connection (the +1 is the INFO call of the first count), no sweeper.
+        assert connections(lock_store) == before + 1
+        assert "sweeping the locks" not in worker.logs()
+        # A job given a lock per call: now the worker sweeps, against its own store.
+        quiet_app.unique.apply_async(("locked",), lock="per-call")
+        wait_for(lambda: broker.llen("quiet:done") == 2 * n + 1, timeout=30,
+                 what="the locked job")
+        wait_for(lambda: "sweeping the locks of dead holders" in worker.logs(), timeout=10,
+                 what="the sweeper to start")
+        assert "sweeping the locks failed" not in worker.logs()
+    finally:
+        worker.stop()
