@@ -28,7 +28,7 @@ from . import broker
 from . import signals as unique_signals
 from .exceptions import LockHeld
 from .scripts import Store, get_store
-from .settings import setting
+from .settings import safe_url, setting
 
 __all__ = ["Lock", "acquire_lock", "release_lock", "sweep"]
 
@@ -285,6 +285,9 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     tasks = [t for t in consumer.app.tasks.values() if hasattr(type(t), "_unique_lock")]
     if any(t._unique_lock is not None for t in tasks):
         _start_sweeping(consumer)
+        if any(t._unique_lock is not None and t._unique_defaults["on_locked"] == "order"
+               for t in tasks):
+            _warn_if_volatile(get_store(consumer.app))
     elif tasks:
         def on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
             info = (getattr(request, "request_dict", None) or {}).get("celery_unique")
@@ -293,6 +296,29 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
                 _start_sweeping(consumer)
 
         signals.task_received.connect(on_received, weak=False)
+
+
+def volatile(store: Store) -> bool:
+    """Whether the lock store keeps nothing across a restart (no AOF, no RDB snapshots).
+
+    False where it cannot tell (``CONFIG`` renamed or refused, as managed Redis does).
+    """
+    try:
+        config = store.client.config_get("appendonly")
+        config.update(store.client.config_get("save"))
+    except Exception:
+        return False
+    return _text(config.get("appendonly", "")) == "no" and not _text(config.get("save", "x"))
+
+
+def _warn_if_volatile(store: Store) -> None:
+    if volatile(store):
+        logger.warning(
+            "celery-unique: the lock store %s keeps no data across a restart (appendonly no,"
+            " no save points), and jobs waiting in \"order\" mode are parked there: a restart"
+            " loses them. Set appendonly yes (CONFIG SET appendonly yes, and in its"
+            " redis.conf); see the guarantees page, 'Parked jobs live in Redis'.",
+            safe_url(store.url))
 
 
 def _start_sweeping(consumer: Any) -> None:

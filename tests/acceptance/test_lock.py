@@ -355,3 +355,8 @@ def test_a_releasing_process_killed_after_its_script_still_hands_over(
     wait_for(lambda: no_lock_keys(store, f"handover_{run}"), timeout=10, what="no lock left")
     assert [n for n, _ in rows(coord, f"starts:{run}")] == [0, 1]  # job 1 ran once
     assert [int(n) for n in coord.lrange(f"ends:{run}", 0, -1)] == [1]
+
+
+def test_a_worker_in_order_mode_warns_of_a_volatile_store_once(lock_worker: Worker) -> None:
+    """The tests' server keeps nothing across a restart: the worker says so, once."""
+    assert lock_worker.logs().count("keeps no data across a restart") == 1

@@ -194,3 +194,14 @@ def test_park_registers_the_lock_for_the_sweepers_in_the_same_script(
     member = f"{lock.limit}|{lock.lease}|{lock.base}"
     server_ms = store.client.time()[0] * 1000
     assert server_ms < store.client.zscore(registry, member) <= server_ms + lock.lease + 1000
+
+
+def test_a_volatile_lock_store_is_told_apart(unique_redis_server: RedisServer) -> None:
+    """The worker's durability hint: warned of only where nothing survives a restart."""
+    from celery_unique.lock import volatile
+
+    assert volatile(make_store(unique_redis_server))  # --save "" --appendonly no
+    for options in (("--appendonly", "yes"), ("--save", "900 1"),
+                    ("--rename-command", "CONFIG", "")):  # managed Redis: cannot tell
+        with RedisServer(*options) as server:
+            assert not volatile(Store.from_url(server.url)), options
