@@ -30,7 +30,7 @@ from .exceptions import LockHeld
 from .scripts import Store, get_store
 from .settings import safe_url, setting
 
-__all__ = ["Lock", "acquire_lock", "release_lock", "sweep"]
+__all__ = ["Lock", "acquire_lock", "arrivals", "release_lock", "sweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -321,6 +321,52 @@ def _warn_if_volatile(store: Store) -> None:
             safe_url(store.url))
 
 
+class _Arrivals:
+    """The worker's received messages of jobs with a place in line, not yet started.
+
+    The main process holds them (prefetched, or waiting for a free pool process); its
+    sweep keeps their places a lease ahead (``"arrive"``), so that the places of a worker
+    that dies are given up within a lease instead of blocking the line.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, dict[str, Any]] = {}  # lock base -> token -> Lock
+        self._due: dict[str, float] = {}  # lock base -> when to renew next (monotonic)
+
+    def add(self, token: str, lock: Lock) -> None:
+        with self._lock:
+            self._held.setdefault(lock.base, {})[token] = lock
+            self._due.setdefault(lock.base, 0.0)
+
+    def discard(self, token: str, lock: Lock | None) -> None:
+        if lock is None:
+            return
+        with self._lock:
+            held = self._held.get(lock.base)
+            if held is not None:
+                held.pop(token, None)
+                if not held:
+                    self._held.pop(lock.base, None)
+                    self._due.pop(lock.base, None)
+
+    def renew(self, store: Store) -> None:
+        """Mark the places of the jobs held here, each lock a third of its lease ahead."""
+        now = time.monotonic()
+        with self._lock:
+            due = [(base, list(held.items())) for base, held in self._held.items()
+                   if self._due.get(base, 0.0) <= now]
+        for base, held in due:
+            lease_ms = max(lock.lease_ms for _, lock in held)
+            store.lock("arrive", base, [lease_ms, *(token for token, _ in held)])
+            with self._lock:
+                if base in self._due:
+                    self._due[base] = now + lease_ms / 3000
+
+
+arrivals = _Arrivals()
+
+
 def _start_sweeping(consumer: Any) -> None:
     app = consumer.app
     failing = False
@@ -329,6 +375,7 @@ def _start_sweeping(consumer: Any) -> None:
         nonlocal failing
         try:
             sweep(app)
+            arrivals.renew(get_store(app))
         except Exception:
             # Said once per outage, not four times a second: the sweep goes on by itself.
             if not failing:

@@ -13,7 +13,7 @@ from typing import Any
 from billiard.exceptions import Terminated, WorkerLostError
 from celery.worker.request import Request
 
-from .lock import Lock, release_lock
+from .lock import Lock, arrivals, release_lock
 from .scripts import get_store, release_quietly
 from .task import HEADER
 
@@ -26,12 +26,32 @@ class UniqueRequest(Request):  # type: ignore[misc]
     _unique_done = False
     _unique_requeued = False  # its message went back to the queue
     _unique_retried = False  # Celery published its retry (retry_on_worker_lost)
+    _unique_arrived: Lock | None = None  # its place in line, kept while it is held here
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        info = self.request_dict.get(HEADER)
+        lock = Lock.from_header(info) if isinstance(info, dict) else None
+        if lock is not None and lock.mode == "order":
+            # Received: the worker's sweep keeps its place until a pool process starts it.
+            self._unique_arrived = lock
+            arrivals.add(self.id, lock)
+
+    def _unique_left(self) -> None:
+        """The job is no longer only held here: started, or ended without running."""
+        arrivals.discard(self.id, self._unique_arrived)
+
+    def on_accepted(self, pid: Any, time_accepted: Any) -> None:
+        self._unique_left()
+        super().on_accepted(pid, time_accepted)
+
 
     def reject(self, requeue: bool = False) -> None:
         super().reject(requeue=requeue)
         self._unique_requeued = self._unique_requeued or requeue
 
     def _unique_release(self, why: str, queueing: bool = True) -> None:
+        self._unique_left()
         info = self.request_dict.get(HEADER)
         if self._unique_done or not isinstance(info, dict):
             return
@@ -71,6 +91,7 @@ class UniqueRequest(Request):  # type: ignore[misc]
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True,
                    return_ok: bool = False) -> None:
+        self._unique_left()
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         exc = getattr(exc_info.exception, "exc", exc_info.exception)
         if isinstance(exc, Terminated):

@@ -105,8 +105,14 @@ return {holder, redis.call('PTTL', KEYS[1])}
 #   parked   HASH token -> message: jobs waiting without a worker slot, to publish again
 #   seq      the last ticket or fence given (both strictly increase per lock); it expires
 #            after an hour unused, and starts again above the server time in µs
-#   arrival  ZSET token -> deadline: line entries whose job has not reached a worker yet
+#   arrival  ZSET token -> deadline: line entries whose job is not parked: on its way to a
+#            worker (deadline: its queueing_lock_timeout) or received by one, which
+#            renews it a lease ahead while it holds the message (``"arrive"``)
 # Times are the server's (TIME), so workers' clocks never matter.
+#
+# The liveness bound: an entry whose worker died is not renewed and is given up within a
+# lease. An entry still on its way while a job created after it has reached a worker
+# (its message lost, its worker dead before receiving it) has one lease from then on.
 #
 # A parked message is either a Celery signature to publish again ("content type\n
 # encoding\ndata") or, on the atomic path, kombu's own message ("\x01queue\nmessage"),
@@ -194,13 +200,34 @@ end
 local function holder()
   return redis.call('ZRANGE', KH, 0, 0)[1] or ''
 end
+
+-- Jobs received by a worker: their entries (not parked) are kept one lease ahead, and the
+-- entries created before the first of them that are still on their way get one lease.
+local function arrived(tokens, lease)
+  local first = nil
+  for _, t in ipairs(tokens) do
+    if redis.call('ZSCORE', KE, t) then
+      redis.call('ZADD', KE, now + lease, t)
+      local rank = redis.call('ZRANK', KW, t)
+      if rank and (not first or rank < first) then first = rank end
+    end
+  end
+  if first and first > 0 then
+    for _, e in ipairs(redis.call('ZRANGE', KW, 0, first - 1)) do
+      local deadline = redis.call('ZSCORE', KE, e)
+      if deadline and tonumber(deadline) > now + lease then
+        redis.call('ZADD', KE, now + lease, e)
+      end
+    end
+  end
+end
 """
 
 #: The execution lock's scripts, each run after :data:`LOCK_PRELUDE`.
 LOCK_SCRIPTS = {
     # KEYS[7] (optional): the job's queueing lock, released when the lock is taken.
-    # ARGV: token, limit, lease ms, on_locked ("order", "retry" or "skip"), wait ms (how
-    # long a waiting job that stops asking keeps its place).
+    # ARGV: token, limit, lease ms, on_locked ("order", "retry" or "skip"), wait ms
+    # (unused: a job that asked keeps its place a lease ahead while it asks).
     # Returns {1, fence, woken...} when taken (or already handed to this job), else
     # {0, a holder's token, place in line or -1, woken...}; woken: {token, message} pairs
     # of parked jobs handed the lock, for the caller to publish again.
@@ -229,7 +256,9 @@ if free > 0 then
     if t == token then return grant() end
   end
 end
-redis.call('ZADD', KE, now + tonumber(ARGV[5]), token)
+-- At a worker now (it parks next, or asks again in eager mode): a lease ahead.
+redis.call('ZADD', KE, now + lease, token)
+arrived({token}, lease)
 return wake(limit, lease, {0, holder(), redis.call('ZRANK', KW, token)})
 """,
     # A waiting job leaves its message and its worker slot. ARGV: token, limit, lease ms,
@@ -261,6 +290,13 @@ redis.call('ZREM', KW, token)
 redis.call('ZREM', KE, token)
 redis.call('HDEL', KP, token)
 return wake(limit, lease, {held})
+""",
+    # From the worker holding received messages not yet started: ARGV: lease ms, tokens.
+    "arrive": """
+local tokens = {}
+for i = 2, #ARGV do tokens[#tokens + 1] = ARGV[i] end
+arrived(tokens, tonumber(ARGV[1]))
+return 0
 """,
     # ARGV: token, lease ms. Returns 1 when the lease was renewed, 0 when it was lost.
     "extend": """

@@ -15,7 +15,8 @@ from kombu import Queue
 
 from celery_unique import UniqueTask
 
-SERVER = os.environ.get("CELERY_UNIQUE_TEST_REDIS", "redis://127.0.0.1:6379")
+# The tests' private server, never a Redis the machine runs: set by the tests' fixtures.
+SERVER = os.environ["CELERY_UNIQUE_TEST_REDIS"]
 BROKER = os.environ.get("CELERY_UNIQUE_TEST_AMQP", "amqp://guest:guest@localhost:5672//")
 QUEUE = os.environ.get("CELERY_UNIQUE_TEST_AMQP_QUEUE", "celery-unique-test")
 

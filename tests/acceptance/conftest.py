@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 class Worker:
     def __init__(self, server: RedisServer, concurrency: int = 2, name: str = "accept",
                  queues: str = "celery", app: str = "tests.acceptance.tasks",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
         self.server = server
         #: Its node name, for control commands sent to it alone.
         self.hostname = f"{name}-{os.getpid()}@acceptance"
@@ -32,8 +32,10 @@ class Worker:
             [sys.executable, "-m", "celery", "-A", app, "worker",
              "-P", "prefork", "-c", str(concurrency), "-l", "INFO", "--without-gossip",
              "--without-mingle", "--without-heartbeat", "-n", self.hostname,
-             "-Q", queues, f"--logfile={self.log}"],
+             "-Q", queues, f"--logfile={self.log}", *args],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            # A group of its own: a test may kill the whole worker, main and pool at once.
+            start_new_session=True,
         )
 
     def logs(self) -> str:

@@ -20,7 +20,8 @@ from celery.exceptions import Ignore, Reject
 from celery_unique import UniqueTask
 from celery_unique import signals as unique_signals
 
-SERVER = os.environ.get("CELERY_UNIQUE_TEST_REDIS", "redis://127.0.0.1:6379")
+# The tests' private server, never a Redis the machine runs: set by the tests' fixtures.
+SERVER = os.environ["CELERY_UNIQUE_TEST_REDIS"]
 # The lock store: the broker's own database (2: the atomic path, locks taken by the push
 # script) or another one (1: locks taken before the push).
 STORE_DB = os.environ.get("CELERY_UNIQUE_TEST_STORE_DB", "1")
@@ -36,6 +37,12 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
     result_expires=600,
+    # How long a message received by a worker that died stays invisible (tests of that
+    # shorten it; Redis' default is an hour), and how often kombu >= 5.6 looks for such
+    # messages (older kombu looks whenever a poll finds the queues empty).
+    broker_transport_options={
+        "visibility_timeout": float(os.environ.get("CELERY_UNIQUE_TEST_VISIBILITY", "3600")),
+        "unacked_restore_interval": 1, "unacked_restore_throttle": 1},
 )
 coord = redis.Redis.from_url(f"{SERVER}/4")
 
@@ -269,3 +276,18 @@ def handover(self: Any, run: str, n: int, kill: bool = False) -> None:
         coord.set(f"released:{run}", time.time())
         os.kill(os.getpid(), signal.SIGKILL)
     coord.rpush(f"ends:{run}", n)
+
+
+@app.task(base=UniqueTask, lock="pf_{run}", lock_timeout=2, name="acceptance.prefetched",
+          bind=True)
+def prefetched(self: Any, run: str, n: int, hold: float = 0.0) -> None:
+    """Job 0 holds its lock until told to go (or for ``hold`` seconds); the others
+    record their run."""
+    start = time.time()
+    coord.rpush(f"starts:{run}", json.dumps([n, start, os.getpid()]))
+    if hold:
+        time.sleep(hold)
+    elif n == 0:
+        wait_go(run, limit=120)
+    time.sleep(0.02)
+    coord.rpush(f"intervals:{run}", json.dumps([n, start, time.time()]))

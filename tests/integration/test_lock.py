@@ -205,3 +205,40 @@ def test_a_volatile_lock_store_is_told_apart(unique_redis_server: RedisServer) -
                     ("--rename-command", "CONFIG", "")):  # managed Redis: cannot tell
         with RedisServer(*options) as server:
             assert not volatile(Store.from_url(server.url)), options
+
+
+def test_a_received_place_not_renewed_is_given_up_within_a_lease(
+    unique_redis_server: RedisServer,
+) -> None:
+    """A worker that received a job and died (its prefetched messages) stops renewing:
+    the place is given up after one lease, not after queueing_lock_timeout."""
+    store = make_store(unique_redis_server)
+    lock = Lock(store, lease=400)
+    for token in ("held", "b"):
+        store.send_enter_line(lock.base, token, 3_600_000).result()
+    store.lock("arrive", lock.base, [lock.lease, "held"])  # received by a worker
+    assert lock.acquire("b")[:3] == [0, "", 1]  # behind "held"
+    lock.park("b", "message-b")
+    for _ in range(3):  # its worker renews it while it holds the message: kept
+        store.lock("arrive", lock.base, [lock.lease, "held"])
+        assert lock.sweep()[1:] == []
+        time.sleep(0.2)  # the renewing worker's pace, not a wait for a condition
+    woken = wait_for(lambda: (r := lock.sweep())[1:] and r, timeout=3,
+                     what="the dead worker's place to be given up")
+    assert woken[1:] == ["b", "message-b"]
+
+
+def test_a_place_on_its_way_gets_one_lease_once_a_later_job_arrived(
+    unique_redis_server: RedisServer,
+) -> None:
+    """A job created first whose message never reaches a worker (lost by the broker,
+    or by a worker that died before receiving it): once a job created after it reaches a
+    worker, it keeps its place for one lease, not for queueing_lock_timeout."""
+    store = make_store(unique_redis_server)
+    lock = Lock(store, lease=400)
+    for token in ("lost", "b"):
+        store.send_enter_line(lock.base, token, 3_600_000).result()
+    assert lock.acquire("b")[:3] == [0, "", 1]
+    start = time.monotonic()
+    wait_for(lambda: lock.acquire("b")[0] == 1, timeout=3, what="lost's place to go")
+    assert time.monotonic() - start >= 0.3
