@@ -24,8 +24,9 @@ from celery.utils import uuid
 
 from . import broker
 from .broker import Duplicate, Push
+from .exceptions import LockStoreUnavailable
 from .keys import build_key
-from .lock import Lock, release_lock
+from .lock import Lock, release_lock, store_unavailable
 from .scripts import Pending, line_keys, release_quietly
 from .settings import wait_seconds
 
@@ -39,8 +40,8 @@ Publish = Callable[..., AsyncResult]
 class Enqueue:
     """One ``apply_async`` of a task with a queueing lock or a lock."""
 
-    __slots__ = ("header", "key", "line", "lock", "on_duplicate", "path", "peek", "store",
-                 "task", "task_id", "ttl_ms")
+    __slots__ = ("header", "key", "line", "lock", "on_duplicate", "on_store_error", "path",
+                 "peek", "store", "task", "task_id", "ttl_ms")
 
     def __init__(self, task: Any, queueing: Any, lock_spec: Any, args: Sequence[Any],
                  kwargs: Mapping[str, Any], task_id: str | None, per_call: Mapping[str, Any],
@@ -70,6 +71,7 @@ class Enqueue:
                 self.peek = None
         wait = wait_seconds(options.get("countdown"), options.get("eta"))
         self.on_duplicate: str = values["on_duplicate"]
+        self.on_store_error: str = values["on_store_error"]
         self.header: dict[str, Any] = {}
         self.lock: Lock | None = None
         self.line = False
@@ -84,6 +86,8 @@ class Enqueue:
             lease_ms = int(values["queueing_lock_timeout"] * 1000)
             self.ttl_ms = lease_ms + int(1000 * wait) if wait else lease_ms
             self.header.update(q=self.key, t=lease_ms, until=values["queueing_lock_until"])
+        if self.on_store_error != task._unique_defaults["on_store_error"]:
+            self.header["e"] = self.on_store_error  # the worker's policy, set per call
 
     def run(self, publish: Publish, producer: Any, options: dict[str, Any]) -> AsyncResult:
         """Publish with the locks; raises :class:`~celery_unique.broker.Duplicate`."""
@@ -94,6 +98,15 @@ class Enqueue:
         except Duplicate:
             self.store.remember_held(self.key or "")
             raise
+        except LockStoreUnavailable as exc:
+            if self.on_store_error != "allow":
+                raise
+            # Chosen: published without its locks, and said.
+            store_unavailable(self.task, "enqueue", self.task_id, exc)
+            options["headers"] = {k: v for k, v in options["headers"].items()
+                                  if k != broker.HEADER}
+            options.pop("router", None)
+            return publish(self.task_id, producer)
 
     def _atomic(self, publish: Publish, options: dict[str, Any]) -> AsyncResult:
         key, store, peek = self.key, self.store, self.peek

@@ -26,11 +26,12 @@ from kombu.serialization import dumps, loads
 
 from . import broker
 from . import signals as unique_signals
-from .exceptions import LockHeld
+from .exceptions import LockHeld, LockStoreUnavailable
 from .scripts import Store, get_store
 from .settings import safe_url, setting
 
-__all__ = ["Lock", "acquire_lock", "arrivals", "release_lock", "sweep"]
+__all__ = ["Lock", "acquire_lock", "acquire_or_wait", "arrivals", "release_lock",
+           "store_unavailable", "sweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ WAITING = "waiting"
 _EAGER_POLL = (0.005, 0.1)
 # "retry": the countdown before asking again (doubling per attempt, capped).
 _RETRY_COUNTDOWN = (0.1, 5.0)
+# The lock store unreachable at a job's start: when to ask again (doubling, capped).
+_STORE_BACKOFF = (1.0, 30.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,21 +146,70 @@ def _skip(task: Task, lock: Lock, holder: str) -> None:
     request._unique_skipped = True
 
 
-def _requeue(task: Task, lock: Lock) -> None:
+def _requeue(task: Task, lock: Lock, counter: str = "w",
+             backoff: tuple[float, float] = _RETRY_COUNTDOWN) -> float:
+    """Publish the job again with a countdown (``backoff``: first, most; doubling per
+    attempt, counted in the header under ``counter``); returns the countdown."""
     request = task.request
-    headers = request.headers or {}
+    headers = request.headers if isinstance(request.headers, dict) else {}
     info = headers.get("celery_unique") or getattr(request, "celery_unique", None) or {}
-    attempt = int(info.get("w", 0))
-    countdown = min(_RETRY_COUNTDOWN[0] * 2 ** attempt, _RETRY_COUNTDOWN[1])
+    attempt = int(info.get(counter, 0))
+    countdown = float(min(backoff[0] * 2 ** attempt, backoff[1]))
     sig = task.signature_from_request(request, request.args, request.kwargs,
                                       countdown=countdown)
     headers = dict(sig.options.get("headers") or {})
     headers["celery_unique"] = {**(headers.get("celery_unique") or {}), **lock.header(),
-                                "w": attempt + 1}
+                                counter: attempt + 1}
     sig.options["headers"] = headers
     # Not Task.retry: waiting for a lock does not use up max_retries, and the job keeps
     # its queueing lock while it waits.
     Task.apply_async(task, sig.args, sig.kwargs, **sig.options)
+    return countdown
+
+
+def acquire_or_wait(task: Task, lock: Lock, queueing_key: str | None, queue: str | None,
+                    policy: str) -> bool:
+    """:func:`acquire_lock`, the lock store's outages handled as ``policy`` says.
+
+    Returns whether the job holds its lock (False: ``"allow"`` runs it without). With
+    ``"raise"`` the job is neither run unlocked, nor failed, nor lost: it is published again
+    with a backoff until the store answers, or, when that fails too (the store is the
+    broker), it waits here and asks again.
+    """
+    delay = _STORE_BACKOFF[0]
+    while True:
+        try:
+            acquire_lock(task, lock, queueing_key, queue)
+            return True
+        except LockStoreUnavailable as exc:
+            if task.request.is_eager:
+                raise  # the caller is here to be told
+            if policy == "allow":
+                store_unavailable(task, "run", task.request.id, exc)
+                return False
+            try:
+                # It keeps its queueing lock, its place (for a lease) and its retries.
+                countdown = _requeue(task, lock, counter="s", backoff=_STORE_BACKOFF)
+            except Exception:
+                logger.warning("celery-unique: %s[%s]: the lock store is unreachable (%s);"
+                               " asking again in %.1f s", task.name, task.request.id, exc,
+                               delay)
+                time.sleep(delay)  # nowhere to publish it to: the job waits here
+                delay = min(delay * 2, _STORE_BACKOFF[1])
+                continue
+            logger.warning("celery-unique: %s[%s]: the lock store is unreachable (%s);"
+                           " published again to run in %.1f s", task.name, task.request.id,
+                           exc, countdown)
+            task.request._unique_parked = True  # its end releases nothing: it runs again
+            raise Ignore() from None
+
+
+def store_unavailable(task: Task, where: str, task_id: str, exc: Exception) -> None:
+    """``on_store_error="allow"``: the job goes on without its lock; say so."""
+    logger.warning("celery-unique: %s[%s] %s without its lock: %s", task.name, task_id,
+                   "published" if where == "enqueue" else "runs", exc)
+    unique_signals.store_unavailable.send(sender=task, where=where, task_id=task_id,
+                                          url=getattr(exc, "url", None), error=exc)
 
 
 def _message(task: Task, store: Store) -> str:

@@ -21,6 +21,7 @@ __all__ = ["DEFAULTS", "UniqueOptions", "redis_url", "setting"]
 
 ON_DUPLICATE = ("raise", "existing")
 ON_LOCKED = ("order", "retry", "skip")
+ON_STORE_ERROR = ("raise", "allow")
 UNTIL = ("started", "finished")
 
 #: Celery settings of celery-unique (``CELERY_UNIQUE_...`` under Django's namespace).
@@ -34,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "unique_on_duplicate": "raise",
     "unique_lock_timeout": 60.0,
     "unique_on_locked": "order",
+    "unique_on_store_error": "raise",  # the lock store unreachable: "raise" or "allow"
 }
 
 
@@ -49,6 +51,7 @@ class UniqueOptions(TypedDict, total=False):
     on_locked: str
     lock_limit: int
     lock_timeout: float
+    on_store_error: str
 
 
 #: Options taken out of ``apply_async``'s keyword arguments.
@@ -138,6 +141,8 @@ def check_settings(app: Celery) -> None:
                   where=where)
     check_choice(setting(app, "unique_on_locked"), ON_LOCKED, option="unique_on_locked",
                  where=where)
+    check_choice(setting(app, "unique_on_store_error"), ON_STORE_ERROR,
+                 option="unique_on_store_error", where=where)
     cluster = setting(app, "unique_redis_cluster")
     if not isinstance(cluster, bool):
         raise ConfigurationError(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from celery.utils.dispatch import Signal
 
 __all__ = ["duplicate_rejected", "lock_acquired", "lock_lost", "lock_released",
-           "lock_waiting"]
+           "lock_waiting", "store_unavailable"]
 
 #: Sent by the caller when an enqueue meets a held queueing lock, before it raises or
 #: returns the job already queued. Sender: the task. Arguments: ``key``, ``task_id`` (the
@@ -31,3 +31,8 @@ lock_released = Signal(name="celery_unique.lock_released")
 #: Sent from the renewing thread when a running job's lease was found lost (another job
 #: may hold the lock now). Arguments: ``key``, ``task_id``.
 lock_lost = Signal(name="celery_unique.lock_lost")
+
+#: Sent when the lock store cannot be reached and ``on_store_error="allow"`` lets the job go
+#: on without its lock. Sender: the task. Arguments: ``where`` (``"enqueue"`` or
+#: ``"run"``), ``task_id``, ``url`` (its password masked), ``error`` (the exception).
+store_unavailable = Signal(name="celery_unique.store_unavailable")

@@ -27,12 +27,13 @@ from .keys import (
     compile_spec,
     task_signature,
 )
-from .lock import Lock, acquire_lock, release_lock
+from .lock import Lock, acquire_or_wait, release_lock
 from .scripts import Store, get_store, release_quietly
 from .settings import (
     CALL_OPTIONS,
     ON_DUPLICATE,
     ON_LOCKED,
+    ON_STORE_ERROR,
     UNTIL,
     check_choice,
     check_limit,
@@ -45,7 +46,7 @@ from .settings import (
 __all__ = ["HEADER", "UniqueTask"]
 
 _VALUE_OPTIONS = ("on_duplicate", "queueing_lock_timeout", "queueing_lock_until", "on_locked",
-                  "lock_timeout")
+                  "lock_timeout", "on_store_error")
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,10 @@ class UniqueTask(Task):  # type: ignore[misc]
     lock_limit: int | None = None
     #: The lock's lease in seconds, renewed every third of it while the job runs.
     lock_timeout: float | None = None
+    #: When the lock store cannot be reached: ``"raise"`` (the caller gets
+    #: :class:`LockStoreUnavailable`; a worker re-queues the job until the store answers)
+    #: or ``"allow"`` (published, or run, without the lock, and said).
+    on_store_error: str | None = None
 
     Request = "celery_unique.request:UniqueRequest"
 
@@ -139,6 +144,9 @@ class UniqueTask(Task):  # type: ignore[misc]
                          where=where)
         if options.get("on_locked") is not None:
             check_choice(options["on_locked"], ON_LOCKED, option="on_locked", where=where)
+        if options.get("on_store_error") is not None:
+            check_choice(options["on_store_error"], ON_STORE_ERROR, option="on_store_error",
+                         where=where)
         if options.get("lock_timeout") is not None:
             check_timeout(options["lock_timeout"], option="lock_timeout", where=where)
         if options.get("lock_limit") is not None:
@@ -308,8 +316,9 @@ class UniqueTask(Task):  # type: ignore[misc]
         queueing_key = info.get("q") if info.get("until") == "started" else None
         if lock is not None:
             # Raises Ignore when the job must not run now (parked, re-queued, skipped).
-            acquire_lock(self, lock, queueing_key, info.get("k"))
-            if queueing_key:
+            held = acquire_or_wait(self, lock, queueing_key, info.get("k"),
+                                   info.get("e") or self._unique_defaults["on_store_error"])
+            if queueing_key and held:
                 request._unique_released = True  # the lock's script released it
         elif queueing_key:
             request._unique_released = True

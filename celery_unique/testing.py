@@ -109,6 +109,14 @@ class RedisServer:
         except redis.ConnectionError:
             return False
 
+    def kill(self) -> None:
+        """SIGKILL the server (a crash), keeping its files: :meth:`start` restarts it on the
+        same port, with what it had persisted (``--appendonly yes``)."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait(10)
+            self._process = None
+
     def stop(self) -> None:
         if self._process is not None:
             self._process.terminate()

@@ -32,7 +32,7 @@ RESULTS = os.environ.get("CELERY_UNIQUE_TEST_RESULTS", "/tmp/celery-unique-resul
 os.makedirs(RESULTS, exist_ok=True)
 app = Celery("acceptance", broker=f"{SERVER}/2", backend=f"file://{RESULTS}")
 app.conf.update(
-    unique_redis_url=f"{SERVER}/{STORE_DB}",
+    unique_redis_url=os.environ.get("CELERY_UNIQUE_TEST_STORE_URL") or f"{SERVER}/{STORE_DB}",
     task_publish_retry=False,
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
@@ -291,3 +291,27 @@ def prefetched(self: Any, run: str, n: int, hold: float = 0.0) -> None:
         wait_go(run, limit=120)
     time.sleep(0.02)
     coord.rpush(f"intervals:{run}", json.dumps([n, start, time.time()]))
+
+
+def _record_run(request: Any, run: str, policy: str) -> str:
+    """[policy, task id, fence]: the fence is None for a job run without its lock."""
+    coord.rpush(f"runs:{run}", json.dumps([policy, request.id,
+                                           getattr(request, "lock_fence", None)]))
+    return policy
+
+
+@app.task(base=UniqueTask, lock="outage_{run}", name="acceptance.outage", bind=True)
+def outage(self: Any, run: str, policy: str) -> str:
+    return _record_run(self.request, run, policy)
+
+
+@app.task(base=UniqueTask, lock="outage_{run}", on_store_error="allow",
+          name="acceptance.outage_allow", bind=True)
+def outage_allow(self: Any, run: str, policy: str) -> str:
+    return _record_run(self.request, run, policy)
+
+
+@unique_signals.store_unavailable.connect
+def _record_outage(sender: Any = None, where: str = "", task_id: str = "", url: Any = None,
+                   **_: Any) -> None:
+    coord.rpush("store_unavailable", json.dumps([where, task_id, url]))

@@ -218,3 +218,39 @@ def test_uncontended_locked_job_costs_two_round_trips(counting_server: RedisServ
         "cmdstat_hexists", "cmdstat_hget"}
     assert clients == set()  # everything else ran inside the scripts
     assert [k for k in r.keys("*") if not k.endswith(b":seq")] == []
+
+
+@pytest.mark.parametrize("per", ["task", "call"])
+def test_an_unreachable_store_with_allow_publishes_without_the_lock(
+    redis_app: Celery, caplog: pytest.LogCaptureFixture, per: str
+) -> None:
+    """``on_store_error="allow"``: published without its lock, a warning, the signal."""
+    from celery_unique import signals as unique_signals
+
+    redis_app.conf.unique_redis_url = "redis://:secret@127.0.0.1:1/0"
+    seen: list[dict[str, Any]] = []
+
+    def record(sender: Any = None, **kw: Any) -> None:
+        seen.append(kw)
+
+    options = {"on_store_error": "allow"} if per == "task" else {}
+
+    @redis_app.task(base=UniqueTask, queueing_lock="k", lock="l", shared=False, **options)
+    def t() -> None: ...
+
+    unique_signals.store_unavailable.connect(record, weak=False)
+    try:
+        result = t.delay() if per == "task" else t.apply_async(on_store_error="allow")
+    finally:
+        unique_signals.store_unavailable.disconnect(record)
+    [message] = broker(redis_app).lrange(QUEUE(redis_app), 0, -1)
+    import json
+
+    assert json.loads(message)["headers"]["id"] == result.id
+    assert "celery_unique" not in json.loads(message)["headers"]  # no lock to release
+    [sent] = seen
+    assert (sent["where"], sent["task_id"], sent["url"]) == (
+        "enqueue", result.id, "redis://:***@127.0.0.1:1/0")
+    assert "published without its lock" in caplog.text and "secret" not in caplog.text
+    with pytest.raises(LockStoreUnavailable):  # the default still refuses
+        t.apply_async(on_store_error="raise")

@@ -179,6 +179,7 @@ def test_precedence_call_over_task_over_setting(app: Celery, fake_redis: Any) ->
     ("unique_lock_timeout", 0),
     ("unique_redis_options", "socket_timeout=1"),
     ("unique_redis_cluster", "yes"),
+    ("unique_on_store_error", "ignore"),
 ])
 def test_app_setting_typo_fails_at_creation(app: Celery, name: str, value: Any) -> None:
     app.conf[name] = value
@@ -206,6 +207,7 @@ def test_countdown_extends_the_ttl(app: Celery, fake_redis: Any) -> None:
     ({"queueing_lock": lambda a: 3}, KeyBuildError),
     ({"queueing_lock": 42}, ConfigurationError),
     ({"unique_on": "a"}, ConfigurationError),
+    ({"on_store_error": "ignore"}, ConfigurationError),
 ])
 def test_bad_per_call_input_leaves_nothing(
     app: Celery, fake_redis: Any, published: list[str], options: dict[str, Any],
