@@ -315,3 +315,14 @@ def outage_allow(self: Any, run: str, policy: str) -> str:
 def _record_outage(sender: Any = None, where: str = "", task_id: str = "", url: Any = None,
                    **_: Any) -> None:
     coord.rpush("store_unavailable", json.dumps([where, task_id, url]))
+
+
+@app.task(base=UniqueTask, lock="ko_{run}", lock_timeout=2, name="acceptance.through_outage",
+          bind=True)
+def through_outage(self: Any, run: str, n: int) -> int:
+    """Records [n, start, end, fence] while the lock store is killed and restarted."""
+    start = time.time()
+    time.sleep(0.05)
+    coord.rpush(f"intervals:{run}", json.dumps([n, start, time.time(),
+                                                getattr(self.request, "lock_fence", None)]))
+    return n
