@@ -1,109 +1,248 @@
-"""``python -m celery_unique``: the demo."""
+"""``celery -A proj unique ...``: see the locks, release them, defer a job with its locks.
+
+A sub-command of Celery's own (click, registered through the ``celery.commands`` entry
+point), a thin layer over :mod:`celery_unique.admin`. Every error is one line on stderr
+and a non-zero exit: 1 for an error, 3 for a duplicate refused by ``defer``.
+"""
 
 from __future__ import annotations
 
-import argparse
-import gc
-import os
-import subprocess
+import json
 import sys
-import tempfile
-import time
-from collections import Counter
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn, TypeVar
 
-from .testing import RedisServer, wait_for
+import click
+import redis
+from celery import Celery
+from kombu.exceptions import OperationalError
 
-__all__ = ["main"]
+from . import admin
+from .exceptions import AlreadyQueued, CeleryUniqueError
+from .settings import redis_url, safe_url
+
+__all__ = ["DUPLICATE", "unique"]
+
+#: ``defer``'s exit status for a duplicate refused (without ``-i``).
+DUPLICATE = 3
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def demo() -> int:
-    """Start a private Redis and a worker; show the queueing lock, then the lock."""
-    with RedisServer() as server:
-        os.environ["CELERY_UNIQUE_DEMO_REDIS"] = server.url
-        from . import demo as demo_app
+def _fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"celery unique: {message}", err=True)
+    sys.exit(code)
 
-        log = Path(tempfile.mkstemp(prefix="celery-unique-demo-", suffix=".log")[1])
-        print(f"private Redis at {server.url}; starting a worker (prefork, 2 processes)")
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "celery_unique.demo", "worker", "-P",
-             "prefork", "-c", "2", "-l", "INFO", "--without-gossip", "--without-mingle",
-             "--without-heartbeat", f"--logfile={log}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=os.environ.copy(),
-        )
+
+def _app(ctx: click.Context) -> Celery:
+    from celery._state import default_app
+
+    obj = ctx.find_root().obj
+    app = getattr(obj, "app", None)
+    if app is None or app is default_app:
+        _fail("no app: give it as Celery's commands take it (celery -A proj unique ...)")
+    return app
+
+
+def _guarded(func: F) -> F:
+    """One line on stderr and exit 1 for any error, never a traceback."""
+    def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            def ready() -> bool:
-                if worker.poll() is not None:
-                    raise RuntimeError(f"the demo's worker exited:\n{log.read_text()}")
-                return "ready." in log.read_text()
-
-            wait_for(ready, timeout=60, what="the worker")
-            _queueing_demo(demo_app)
-            # Its results sit in reference cycles: collect them while the server runs (at
-            # exit, Celery < 5.6 would retry unsubscribing from a stopped server for 20 s).
-            gc.collect()
-            print()
-            _lock_demo(demo_app)
-        finally:
-            worker.terminate()
-            worker.wait(30)
-    return 0
+            return func(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except CeleryUniqueError as exc:
+            _fail(str(exc))
+        except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
+            # The lock store, or the broker when it is the same server: name it.
+            url = safe_url(redis_url(_app(click.get_current_context())))
+            _fail(f"cannot reach the lock store at {url}: {exc}")
+        except Exception as exc:
+            _fail(f"{type(exc).__name__}: {exc}")
+    run.__name__, run.__doc__ = func.__name__, func.__doc__
+    return run  # type: ignore[return-value]
 
 
-def _queueing_demo(demo_app: Any) -> None:
-    """The queueing lock: a burst of duplicate enqueues."""
-    from .exceptions import AlreadyQueued
-
-    emails = ["alice@example.com", "bob@example.com", "carol@example.com"]
-    queued, outcome = [], Counter[str]()
-    print("burst: 30 enqueues, 10 per user, with send_pdf_report.delay(email)")
-    for _round in range(10):
-        for email in emails:
-            try:
-                queued.append(demo_app.send_pdf_report.delay(email))
-                outcome[f"queued   {email}"] += 1
-            except AlreadyQueued as exc:
-                outcome[f"rejected {email}"] += 1
-                last = str(exc)  # not the exception: its traceback would keep this frame
-        time.sleep(0.05)
-    for line, count in sorted(outcome.items()):
-        print(f"  {line}: {count}")
-    print(f"  e.g. AlreadyQueued: {last}")
-    for result in queued:
-        print(f"  ran {result.id[:8]}: {result.get(timeout=30)}")
-    print("(the lock is released when a worker starts a job: at most one job per"
-          " user waits in the queue; a duplicate gets AlreadyQueued)")
-    print(f"{len(queued)} queued, {30 - len(queued)} rejected as duplicates,"
-          f" {len(queued)} ran")
+@click.group(name="unique")
+def unique() -> None:
+    """celery-unique: list and release locks, defer a job with its locks."""
 
 
-def _lock_demo(demo_app: Any) -> None:
-    """The execution lock: the seed's alphabet, with and without ``lock``."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    print("the lock: 26 jobs append a letter each to a file, with random sleeps, on 2"
-          " processes")
-    for name, task in (("without lock", demo_app.write_letter),
-                       ('lock="{path}"', demo_app.write_letter_locked)):
-        path = Path(tempfile.mkdtemp(prefix="celery-unique-demo-")) / "alphabet.txt"
-        for letter in letters:
-            task.delay(str(path), letter)
-        wait_for(lambda path=path: path.exists() and len(path.read_text()) == len(letters),
-                 timeout=60, what="26 letters")
-        print(f"  {name:<14} {path.read_text()}")
-    print("(with the lock, jobs sharing it run one at a time in creation order; a waiting"
-          " job gives its worker slot back until its turn)")
+def _filters(func: F) -> F:
+    func = click.option("--kind", type=click.Choice(admin.KINDS),
+                        help="Only queueing locks, or only locks.")(func)
+    func = click.option("--task", help="Only the locks whose key names this task.")(func)
+    func = click.option("--match", metavar="GLOB",
+                        help="Only the locks whose value or key matches.")(func)
+    return func
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m celery_unique")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the demo: a private Redis, a worker, duplicates and a lock")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        return demo()
-    return 2  # pragma: no cover - argparse rejects unknown commands
+def _ttl(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+def _states(app: Celery, holders: tuple[str, ...]) -> str:
+    from celery.backends.base import DisabledBackend
+
+    if isinstance(app.backend, DisabledBackend) or not holders:
+        return "-"
+    return ",".join(app.AsyncResult(h).state for h in holders)
+
+
+@unique.command("locks")
+@_filters
+@click.option("--json", "as_json", is_flag=True, help="Print JSON only: an array of locks.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many locks.")
+@click.option("--states/--no-states", default=True,
+              help="Ask the result backend for the holders' states (when there is one).")
+@click.pass_context
+@_guarded
+def locks(ctx: click.Context, match: str | None, task: str | None, kind: str | None,
+          as_json: bool, limit: int | None, states: bool) -> None:
+    """Every lock: kind, task, value, holders, their state, TTL, fence, jobs waiting."""
+    app = _app(ctx)
+    found = _limited(admin.iter_locks(app, match=match, task=task, kind=kind), limit)
+    if as_json:
+        # Streamed: one lock at a time, whatever their number.
+        out = sys.stdout
+        out.write("[")
+        for n, info in enumerate(found):
+            out.write(("," if n else "") + "\n" + json.dumps(info.as_dict()))
+        out.write("\n]\n")
+        return
+    rows = [(info.kind, info.task or "-", info.value, ",".join(info.holders) or "-",
+             _states(app, info.holders) if states else "-", _ttl(info.ttl),
+             "-" if info.fence is None else str(info.fence), str(info.waiting))
+            for info in found]
+    header = ("KIND", "TASK", "VALUE", "HOLDERS", "STATE", "TTL", "FENCE", "WAITING")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    kinds = [r[0] for r in rows]
+    click.echo(f"{len(rows)} locks ({kinds.count('queueing')} queueing,"
+               f" {kinds.count('lock')} locks)")
+
+
+def _limited(found: Iterator[admin.LockInfo], limit: int | None) -> Iterator[admin.LockInfo]:
+    for n, info in enumerate(found):
+        if limit is not None and n >= limit:
+            return
+        yield info
+
+
+@unique.command("show")
+@click.argument("key_or_value")
+@click.pass_context
+@_guarded
+def show(ctx: click.Context, key_or_value: str) -> None:
+    """One lock in full: its holders, and its waiting jobs in line order."""
+    app = _app(ctx)
+    info = admin.get_lock(app, key_or_value)
+    if info is None:
+        _fail(f"no lock {key_or_value!r}")
+    click.echo(f"key      {info.key}\nkind     {info.kind}\ntask     {info.task or '-'}\n"
+               f"value    {info.value}\nholders  {', '.join(info.holders) or '-'}"
+               f" ({_states(app, info.holders)})\nttl      {_ttl(info.ttl)}\n"
+               f"fence    {'-' if info.fence is None else info.fence}\n"
+               f"waiting  {info.waiting}")
+    for job in info.line:
+        click.echo(f"  {job.place:>4}  {job.task_id}  {job.task or '-'}"
+                   f"  {'parked' if job.parked else 'on its way'}")
+
+
+def _confirm(what: list[admin.LockInfo], yes: bool) -> None:
+    for info in what:
+        click.echo(f"{info.kind:<9} {info.key}  held by {', '.join(info.holders) or '-'}"
+                   f"  ({info.waiting} waiting)")
+    if not yes:
+        if not sys.stdin.isatty():
+            _fail("not released: pass --yes to release without asking")
+        click.confirm(f"Release {len(what)} lock(s)?", abort=True)
+
+
+@unique.command("release")
+@click.argument("key")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+@click.pass_context
+@_guarded
+def release(ctx: click.Context, key: str, yes: bool) -> None:
+    """Release one lock; a lock with jobs waiting is handed to the first in line."""
+    app = _app(ctx)
+    info = admin.get_lock(app, key)
+    if info is None:
+        _fail(f"no lock {key!r}")
+    _confirm([info], yes)
+    admin.release(app, info.key)
+    click.echo(f"released {info.key}")
+
+
+@unique.command("clear")
+@_filters
+@click.option("--yes", is_flag=True, help="Do not ask.")
+@click.pass_context
+@_guarded
+def clear(ctx: click.Context, match: str | None, task: str | None, kind: str | None,
+          yes: bool) -> None:
+    """Release every lock the filters select (each as `release` would)."""
+    app = _app(ctx)
+    found = list(admin.iter_locks(app, match=match, task=task, kind=kind))
+    if not found:
+        click.echo("no locks")
+        return
+    _confirm(found, yes)
+    for info in found:
+        admin.release(app, info.key)
+    click.echo(f"released {len(found)} lock(s)")
+
+
+def _json(option: str, text: str | None, kind: type) -> Any:
+    if text is None:
+        return kind()
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        _fail(f"{option} is not JSON: {exc}")
+    if not isinstance(value, kind):
+        _fail(f"{option} must be a JSON {'array' if kind is list else 'object'}")
+    return value
+
+
+@unique.command("defer")
+@click.argument("task_name", metavar="TASK")
+@click.option("--args", "args_json", metavar="JSON", help="Positional arguments, a JSON array.")
+@click.option("--kwargs", "kwargs_json", metavar="JSON",
+              help="Keyword arguments, a JSON object.")
+@click.option("--queueing-lock", help="The queueing lock (a template or a value).")
+@click.option("--lock", "lock", help="The lock (a template or a value).")
+@click.option("--ignore-already-enqueued", "-i", is_flag=True,
+              help="A duplicate is not an error: exit 0, nothing published.")
+@click.option("--countdown", type=float, help="Seconds before it may run.")
+@click.option("--queue", help="The queue to send it to.")
+@click.pass_context
+@_guarded
+def defer(ctx: click.Context, task_name: str, args_json: str | None, kwargs_json: str | None,
+          queueing_lock: str | None, lock: str | None, ignore_already_enqueued: bool,
+          countdown: float | None, queue: str | None) -> None:
+    """Queue a job with its locks, as procrastinate's `defer` does; print its id."""
+    app = _app(ctx)
+    app.loader.import_default_modules()
+    if task_name not in app.tasks:
+        _fail(f"unknown task {task_name!r}")
+    task = app.tasks[task_name]
+    options: dict[str, Any] = {}
+    for name, value in (("queueing_lock", queueing_lock), ("lock", lock),
+                        ("countdown", countdown), ("queue", queue)):
+        if value is not None:
+            options[name] = value
+    if (queueing_lock or lock) and not hasattr(type(task), "_unique_lock"):
+        _fail(f"{task_name} is not a UniqueTask: it takes no lock")
+    try:
+        result = task.apply_async(_json("--args", args_json, list),
+                                  _json("--kwargs", kwargs_json, dict), **options)
+    except AlreadyQueued as exc:
+        if ignore_already_enqueued:
+            click.echo(f"ignored: already queued under {exc.key} by {exc.task_id}")
+            return
+        _fail(f"already queued under {exc.key} by {exc.task_id}"
+              f" (expires in {exc.ttl:.0f}s)", DUPLICATE)
+    click.echo(result.id)

@@ -1,0 +1,196 @@
+"""``celery -A proj unique ...`` and the admin API under it, against a real Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from click.testing import CliRunner
+
+from celery_unique import admin
+from celery_unique.cli import DUPLICATE
+from celery_unique.testing import RedisServer
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = "tests.integration.cli_app"
+
+
+@pytest.fixture
+def cli(unique_redis_server: RedisServer) -> Iterator[Any]:
+    """The CLI app on db 6 of the private server, and a way to run ``celery`` there."""
+    from celery.bin.celery import celery
+
+    url = f"{unique_redis_server.url}/6"
+    redis.Redis.from_url(url).flushdb()
+    os.environ["CELERY_UNIQUE_CLI_REDIS"] = url
+    from tests.integration import cli_app
+
+    cli_app.app.conf.update(broker_url=url, unique_redis_url=url)
+    for task in (cli_app.report, cli_app.locked):
+        task._unique_store_obj = None
+    try:
+        runner = CliRunner(mix_stderr=False)  # type: ignore[call-arg]
+    except TypeError:  # click >= 8.2: stderr is always apart
+        runner = CliRunner()
+
+    def run(*args: str, stdin: str | None = None) -> Any:
+        return runner.invoke(celery, ["-A", APP, "unique", *args], input=stdin)
+
+    run.app, run.module, run.client = cli_app.app, cli_app, redis.Redis.from_url(url)
+    yield run
+    redis.Redis.from_url(url).flushdb()
+
+
+def test_locks_lists_both_kinds_as_a_table_and_as_json(cli: Any) -> None:
+    held = cli.module.report.delay("alice@example.com")
+    store = cli.app.conf.unique_redis_url and cli.module.locked._unique_store()
+    assert store.lock("acquire", "celery_unique:l:{res_1}", ["job-a", 1, 60000, "order",
+                                                              60000])[0] == 1
+    for token in ("job-b", "job-c"):
+        store.send_enter_line("celery_unique:l:{res_1}", token, 60000).result()
+    table = cli("locks")
+    assert table.exit_code == 0, table.output
+    assert table.output.splitlines()[0].split() == [
+        "KIND", "TASK", "VALUE", "HOLDERS", "STATE", "TTL", "FENCE", "WAITING"]
+    assert table.output.splitlines()[-1] == "2 locks (1 queueing, 1 locks)"
+    listed = json.loads(cli("locks", "--json").stdout)
+    by_kind = {lock["kind"]: lock for lock in listed}
+    assert by_kind["queueing"] | {"ttl": None} == {
+        "key": "celery_unique:q:{cli.report:report_alice@example.com}", "kind": "queueing",
+        "task": "cli.report", "value": "report_alice@example.com", "holders": [held.id],
+        "ttl": None, "fence": None, "waiting": 0}
+    assert 3590 < by_kind["queueing"]["ttl"] <= 3600
+    assert (by_kind["lock"]["key"], by_kind["lock"]["task"], by_kind["lock"]["value"],
+            by_kind["lock"]["holders"], by_kind["lock"]["waiting"]) == (
+        "celery_unique:l:{res_1}", None, "res_1", ["job-a"], 2)
+    def keys(*args: str) -> list[str]:
+        return [lock["key"] for lock in json.loads(cli("locks", "--json", *args).stdout)]
+
+    assert keys("--kind", "lock") == keys("--match", "res_*") == [by_kind["lock"]["key"]]
+    assert keys("--task", "cli.report") == [by_kind["queueing"]["key"]]
+    shown = cli("show", "res_1")
+    assert shown.exit_code == 0
+    assert [line.split()[:2] for line in shown.output.splitlines()[-2:]] == [
+        ["0", "job-b"], ["1", "job-c"]]
+
+
+def test_ten_thousand_locks_are_listed(cli: Any) -> None:
+    pipe = cli.client.pipeline(transaction=False)
+    for n in range(10_000):
+        pipe.set(f"celery_unique:q:{{cli.report:report_{n}}}", f"id-{n}", px=600_000)
+    pipe.execute()
+    listed = json.loads(cli("locks", "--json", "--no-states").stdout)
+    assert len(listed) == 10_000
+    assert {lock["value"] for lock in listed} == {f"report_{n}" for n in range(10_000)}
+    assert len(json.loads(cli("locks", "--json", "--limit", "7").stdout)) == 7
+
+
+def test_release_lets_the_next_enqueue_in(cli: Any) -> None:
+    cli.module.report.delay("bob@example.com")
+    key = "celery_unique:q:{cli.report:report_bob@example.com}"
+    refused = cli("release", key)  # no --yes and no terminal: nothing released
+    assert refused.exit_code != 0 and cli.client.exists(key)
+    done = cli("release", key, "--yes")
+    assert done.exit_code == 0, done.output
+    assert not cli.client.exists(key)
+    assert cli.module.report.delay("bob@example.com").id
+
+
+def test_release_hands_a_lock_to_the_first_in_line(cli: Any) -> None:
+    """As a holder's own end would: the first parked job is handed the lock and its
+    message published onto its queue."""
+    base = "celery_unique:l:{res_2}"
+    store = cli.module.locked._unique_store()
+    queue = f"handed-{uuid.uuid4().hex}"
+    assert store.lock("acquire", base, ["holder", 1, 60000, "order", 60000])[0] == 1
+    store.lock("acquire", base, ["first", 1, 60000, "order", 60000])
+    message = json.dumps({"headers": {"task": "cli.locked", "id": "first"},
+                          "properties": {"delivery_tag": "first.cu"}})
+    store.lock("park", base, ["first", 1, 60000, f"\x01{queue}\n{message}", base])
+    done = cli("release", base, "--yes")
+    assert done.exit_code == 0, done.output
+    assert [h.decode() for h in cli.client.zrange(f"{base}:holders", 0, -1)] == ["first"]
+    [pushed] = cli.client.lrange(queue, 0, -1)
+    assert json.loads(pushed)["headers"]["id"] == "first"
+    assert json.loads(pushed)["properties"]["delivery_tag"] != "first.cu"  # a fresh tag
+    info = admin.get_lock(cli.app, base)
+    assert info is not None and info.holders == ("first",) and info.line == ()
+
+
+def test_clear_releases_what_the_filters_select(cli: Any) -> None:
+    for email in ("a", "b", "c"):
+        cli.module.report.delay(email)
+    done = cli("clear", "--match", "report_[ab]", "--yes")
+    assert done.exit_code == 0 and done.output.splitlines()[-1] == "released 2 lock(s)"
+    assert [lock.value for lock in admin.iter_locks(cli.app)] == ["report_c"]
+
+
+def test_defer_queues_refuses_or_ignores_a_duplicate(cli: Any) -> None:
+    queue = cli.app.conf.task_default_queue
+    first = cli("defer", "cli.report", "--kwargs", '{"email": "x@example.com"}')
+    assert first.exit_code == 0, first.output
+    task_id = first.stdout.strip()
+    assert cli.client.get("celery_unique:q:{cli.report:report_x@example.com}") == (
+        task_id.encode())
+    length = cli.client.llen(queue)
+    duplicate = cli("defer", "cli.report", "--args", '["x@example.com"]')
+    assert duplicate.exit_code == DUPLICATE
+    assert duplicate.stderr.count("\n") == 1 and task_id in duplicate.stderr
+    ignored = cli("defer", "cli.report", "--args", '["x@example.com"]', "-i")
+    assert ignored.exit_code == 0 and "ignored" in ignored.stdout
+    assert cli.client.llen(queue) == length  # nothing more published
+    # procrastinate's example: a queueing lock given on the command line.
+    maintenance = cli("defer", "cli.plain", "--queueing-lock", "maintenance")
+    assert maintenance.exit_code == 1 and "not a UniqueTask" in maintenance.stderr
+    locked = cli("defer", "cli.locked", "--args", "[3]", "--queueing-lock", "maintenance",
+                 "--countdown", "5")
+    assert locked.exit_code == 0, locked.output
+    assert cli("defer", "cli.locked", "--args", "[4]", "--queueing-lock",
+               "maintenance").exit_code == DUPLICATE
+
+
+@pytest.mark.parametrize("args, says", [
+    (["defer", "cli.nope"], "unknown task 'cli.nope'"),
+    (["defer", "cli.report", "--args", "{oops"], "--args is not JSON"),
+    (["defer", "cli.report", "--args", '{"a": 1}'], "--args must be a JSON array"),
+    (["show", "celery_unique:q:{cli.report:nobody}"], "no lock"),
+    (["release", "celery_unique:l:{nothing}", "--yes"], "no lock"),
+    (["release", "not-a-key", "--yes"], "no lock"),
+    (["locks", "--kind", "lock", "--json"], None),  # no error: an empty array
+])
+def test_every_error_is_one_line_and_a_non_zero_exit(
+    cli: Any, args: list[str], says: str | None
+) -> None:
+    result = cli(*args)
+    if says is None:
+        assert result.exit_code == 0 and json.loads(result.stdout) == []
+        return
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_no_app_and_an_unreachable_store_are_one_line_too(
+    unique_redis_server: RedisServer,
+) -> None:
+    """In a process of its own, as an operator runs it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT),
+           "CELERY_UNIQUE_CLI_REDIS": "redis://:secret@127.0.0.1:1/0"}
+    for args, says in ((["unique", "locks"], "no app"),
+                       (["-A", APP, "unique", "locks"],
+                        "cannot reach the lock store at redis://:***@127.0.0.1:1/0"),
+                       (["-A", APP, "unique", "defer", "cli.report", "--args", '["z"]'],
+                        "cannot reach the lock store at redis://:***@127.0.0.1:1/0")):
+        done = subprocess.run([sys.executable, "-m", "celery", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, (args, done.stdout, done.stderr)
+        assert done.stderr.count("\n") == 1 and says in done.stderr, (args, done.stderr)
+        assert "secret" not in done.stderr
