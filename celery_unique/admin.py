@@ -46,7 +46,10 @@ class LockInfo:
     waiting: int  #: jobs waiting in its line (a lock)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"holders": list(self.holders)}
+        """The fields as JSON takes them (what ``celery unique locks --json`` prints)."""
+        return {"key": self.key, "kind": self.kind, "task": self.task, "value": self.value,
+                "holders": list(self.holders), "ttl": self.ttl, "fence": self.fence,
+                "waiting": self.waiting}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,17 +77,23 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _split(app: Celery, tag: str, scoped: bool) -> tuple[str | None, str]:
-    """``task:value`` as the key built it: the longest registered task name first."""
-    if scoped or ":" in tag:
-        names = [n for n in app.tasks if tag.startswith(f"{n}:")]
-        if names:
-            name = max(names, key=len)
-            return name, tag[len(name) + 1:]
-        if scoped:
-            task, _, value = tag.partition(":")
-            return task, value
-    return None, tag
+def _splitter(app: Celery, scoped: bool) -> Any:
+    """``task:value`` as the key built it, the longest registered task name first; a
+    lock's tag names a task only for ``lock=True`` (``scoped``: a queueing lock's always)."""
+    names = set(app.tasks.keys())
+    # Task names with a colon inside: only those can make the first colon the wrong one.
+    colons = sorted((n for n in names if ":" in n), key=len, reverse=True)
+
+    def split(tag: str) -> tuple[str | None, str]:
+        for name in colons:
+            if tag.startswith(f"{name}:"):
+                return name, tag[len(name) + 1:]
+        head, sep, rest = tag.partition(":")
+        if sep and (scoped or head in names):
+            return head, rest
+        return None, tag
+
+    return split
 
 
 def _glob(text: str) -> str:
@@ -135,18 +144,24 @@ def _queueing(app: Celery, store: Store, match: str | None, task: str | None, pa
 
 
 def _queueing_infos(app: Celery, store: Store, keys: list[str]) -> list[LockInfo]:
-    pipe = store.client.pipeline(transaction=False)
-    for key in keys:
-        pipe.get(key).pttl(key)
-    replies = pipe.execute()
-    base = f"{_prefix(app)}:q:{{"
+    if store.cluster:  # keys of many slots: a pipeline
+        pipe = store.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(key).pttl(key)
+        flat = pipe.execute()
+        rows = [(_text(flat[i] or b""), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+    else:
+        text = _text(store.run(store.read_queueing, keys, []))
+        rows = [(holder, int(pttl)) for holder, pttl in
+                (line.split("\0") for line in text.split("\n"))] if keys else []
+    skip = len(f"{_prefix(app)}:q:{{")
+    split = _splitter(app, scoped=True)
     out = []
-    for i, key in enumerate(keys):
-        holder, pttl = replies[2 * i], replies[2 * i + 1]
-        if holder is None:
+    for key, (holder, pttl) in zip(keys, rows):
+        if not holder:
             continue  # released since the page was read
-        name, value = _split(app, key[len(base):-1], scoped=True)
-        out.append(LockInfo(key, "queueing", name, value, (_text(holder),),
+        name, value = split(key[skip:-1])
+        out.append(LockInfo(key, "queueing", name, value, (holder,),
                             pttl / 1000 if pttl >= 0 else None, None, 0))
     return out
 
@@ -168,30 +183,42 @@ def _locks(app: Celery, store: Store, match: str | None, task: str | None, page:
 def _lock_infos(app: Celery, store: Store, bases: list[str], skip_if: str | None = None
                 ) -> list[LockInfo]:
     client = store.client
-    pipe = client.pipeline(transaction=False)
-    pipe.time()
-    for b in bases:
-        holders, line, _, seq, _ = lock_keys(b)
-        pipe.zrange(holders, 0, -1, withscores=True).zcard(line).get(seq)
-        pipe.exists(f"{b}{skip_if}" if skip_if else holders)
-    replies = pipe.execute()
-    seconds, micros = replies[0]
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    if skip_if:  # the second pass: locks already listed with their holders
+        pipe = client.pipeline(transaction=False)
+        for b in bases:
+            pipe.exists(f"{b}{skip_if}")
+        bases = [b for b, listed in zip(bases, pipe.execute()) if not listed]
+    keys = [k for b in bases for k in _read_keys(b)]
+    if store.cluster:
+        pipe = client.pipeline(transaction=False)
+        seconds, micros = client.time()
+        replies: list[Any] = [int(seconds) * 1000 + int(micros) // 1000]
+        for i in range(0, len(keys), 3):
+            pipe.zrange(keys[i], 0, -1, withscores=True).zcard(keys[i + 1]).get(keys[i + 2])
+        for i, r in enumerate(pipe.execute()):
+            replies.append([x for pair in r for x in pair] if i % 3 == 0 else r)
+    else:
+        replies = list(store.run(store.read_locks, keys, []))
+    now_ms = int(replies[0])
     prefix = f"{_prefix(app)}:l:{{"
+    split = _splitter(app, scoped=False)
     out = []
     for i, b in enumerate(bases):
-        holders, waiting, seq, other = replies[1 + 4 * i: 5 + 4 * i]
-        if skip_if and other:
-            continue
-        if not holders and not waiting:
+        flat, waiting, seq = replies[1 + 3 * i: 4 + 3 * i]
+        if not flat and not waiting:
             continue  # released since the page was read
-        name, value = _split(app, b[len(prefix):-1], scoped=False)
-        soonest = min((score for _, score in holders), default=None)
-        out.append(LockInfo(b, "lock", name, value,
-                            tuple(_text(t) for t, _ in holders),
+        name, value = split(b[len(prefix):-1])
+        holders = [_text(t) for t in flat[0::2]]
+        soonest = min((float(d) for d in flat[1::2]), default=None)
+        out.append(LockInfo(b, "lock", name, value, tuple(holders),
                             max(0.0, (soonest - now_ms) / 1000) if soonest else None,
-                            int(seq) if seq is not None else None, int(waiting)))
+                            int(seq) if seq not in (None, False) else None, int(waiting)))
     return out
+
+
+def _read_keys(base: str) -> list[str]:
+    holders, line, _, seq, _ = lock_keys(base)
+    return [holders, line, seq]
 
 
 def get_lock(app: Celery, key_or_value: str) -> LockDetail | None:

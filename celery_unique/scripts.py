@@ -97,6 +97,31 @@ if (not holder) or holder == ARGV[1] then return false end
 return {holder, redis.call('PTTL', KEYS[1])}
 """
 
+#: The operator's listing (``celery_unique.admin``): a page of queueing locks read in one
+#: command. KEYS: the keys. Returns one string, a line per key: ``holder NUL PTTL``
+#: (holder '' when the key is gone): one reply to parse, not two per key.
+READ_QUEUEING_LOCKS = """
+local out, nul = {}, string.char(0)
+for i, key in ipairs(KEYS) do
+  out[i] = (redis.call('GET', key) or '') .. nul .. redis.call('PTTL', key)
+end
+return table.concat(out, string.char(10))
+"""
+
+#: The same for a page of execution locks. KEYS: each lock's holders, line and seq keys,
+#: in threes. Returns the server time in ms, then per lock ``{holders and their deadlines
+#: (flat), jobs in line, seq or false}``.
+READ_LOCKS = """
+local clock = redis.call('TIME')
+local out = {tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)}
+for i = 1, #KEYS, 3 do
+  out[#out + 1] = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
+  out[#out + 1] = redis.call('ZCARD', KEYS[i + 1])
+  out[#out + 1] = redis.call('GET', KEYS[i + 2])
+end
+return out
+"""
+
 # -- the execution lock ------------------------------------------------------------------
 #
 # One lock is five keys sharing one hash tag (``lock_keys``):
@@ -427,6 +452,8 @@ class Store:
         #: Run on kombu's connection by the broker hook (``client=``), not on ours.
         self.push_script = client.register_script(PUSH_WITH_LOCKS)
         self._peek = client.register_script(PEEK_QUEUEING_LOCK)
+        self.read_queueing = client.register_script(READ_QUEUEING_LOCKS)
+        self.read_locks = client.register_script(READ_LOCKS)
         self._spare = threading.local()
         #: Keys recently found held (an ordered set): a hint of where to wait for the
         #: next reply on them, never a decision; a key is dropped when next taken.
