@@ -2,7 +2,7 @@
 
 Everything here reads Redis with ``SCAN`` (never ``KEYS``), a page at a time, so that
 listing a million locks holds one page in memory. Releasing goes through the same scripts
-as a job's own release: a lock with jobs waiting is handed to the first in line.
+as a job's own release: a lock with jobs waiting is handed to the first in line::
 
     from celery_unique import admin
     for lock in admin.iter_locks(app, kind="lock"):
