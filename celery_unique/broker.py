@@ -190,8 +190,11 @@ def atomic(app: Celery, store: Store) -> bool:
 
 
 def _why_not(app: Celery, store: Store) -> str | None:
-    if store.pinned or store.cluster:
-        return "a Redis Cluster lock store" if store.cluster else "a lock store given"
+    if store.pinned or store.cluster or store.factory is not None or store.url.startswith(
+        "sentinel://"
+    ):
+        return ("a Redis Cluster lock store" if store.cluster else "a Sentinel lock store"
+                if store.url.startswith("sentinel://") else "a lock store given")
     from kombu.transport import redis as kombu_redis
 
     shape = _shape_problem(kombu_redis.Channel)

@@ -15,12 +15,13 @@ import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
 from redis.cluster import RedisCluster
 
-from .exceptions import LockStoreUnavailable
+from .exceptions import ConfigurationError, LockStoreUnavailable
 from .settings import redis_url, safe_url, setting
 
 __all__ = ["ACQUIRE_QUEUEING_LOCK", "ENTER_LINE", "LOCK_SCRIPTS", "PEEK_QUEUEING_LOCK",
@@ -444,6 +445,8 @@ class Store:
         self.cluster = isinstance(client, RedisCluster)
         #: A pinned store (tests: fakeredis) is kept whatever the app's settings say.
         self.pinned = pinned
+        #: The ``unique_redis_client`` factory that made the client, if one did.
+        self.factory: Any = None
         self.acquire_queueing = client.register_script(ACQUIRE_QUEUEING_LOCK)
         self._release = client.register_script(RELEASE_LOCK)
         self.lock_scripts = {name: client.register_script(LOCK_PRELUDE + body)
@@ -472,6 +475,11 @@ class Store:
     @classmethod
     def from_url(cls, url: str, options: dict[str, Any] | None = None, *,
                  cluster: bool = False) -> Store:
+        """A store for ``url``: ``redis://``, ``rediss://`` (TLS: ``ssl_*`` in ``options``),
+        ``unix://``, or Sentinel in kombu's spelling (``sentinel://h:26379;sentinel://h2``,
+        ``master_name`` in ``options``)."""
+        if url.startswith("sentinel://"):
+            return cls(_sentinel_master(url, dict(options or {})), url, options)
         client_class = RedisCluster if cluster else redis.Redis
         return cls(client_class.from_url(url, **(options or {})), url, options)
 
@@ -638,6 +646,33 @@ class Store:
             ) from exc
 
 
+def _sentinel_master(url: str, options: dict[str, Any]) -> Any:
+    """The master's client through Sentinel: it follows a failover (redis-py asks the
+    sentinels again on a connection error or a READONLY reply)."""
+    from redis import sentinel as redis_sentinel
+
+    master_name = options.pop("master_name", None)
+    if not master_name:
+        raise ConfigurationError(
+            f"{safe_url(url)}: a Sentinel URL needs master_name (in unique_redis_options,"
+            " or broker_transport_options when the lock store is the broker)",
+            option="master_name")
+    sentinel_kwargs = options.pop("sentinel_kwargs", None)
+    hosts, db, password = [], 0, None
+    for part in url.split(";"):
+        parsed = urlsplit(part.strip())
+        hosts.append((parsed.hostname or "localhost", parsed.port or 26379))
+        if parsed.path.strip("/").isdigit():
+            db = int(parsed.path.strip("/"))
+        password = password or parsed.password
+    options.setdefault("db", db)
+    if password:
+        options.setdefault("password", password)
+    sentinel_class: Any = redis_sentinel.Sentinel
+    sentinels = sentinel_class(hosts, sentinel_kwargs=sentinel_kwargs, **options)
+    return sentinels.master_for(master_name, **options)
+
+
 def lock_keys(base: str) -> list[str]:
     """The keys of one execution lock, in the order :data:`LOCK_PRELUDE` names them."""
     return [f"{base}:{suffix}" for suffix in ("holders", "line", "parked", "seq", "arrival")]
@@ -658,12 +693,25 @@ def get_store(app: Celery) -> Store:
     url = redis_url(app)
     options = setting(app, "unique_redis_options")
     cluster = bool(setting(app, "unique_redis_cluster"))
+    factory = setting(app, "unique_redis_client")
+    if url.startswith("sentinel://") and not app.conf.get("unique_redis_url"):
+        # The broker's Sentinel: its master_name (and sentinel_kwargs) are kombu's.
+        transport = app.conf.broker_transport_options or {}
+        options = {**{k: transport[k] for k in ("master_name", "sentinel_kwargs")
+                      if k in transport}, **(options or {})}
     store = _stores.get(app)
     # A changed setting (tests, a reconfigured app) builds a new client, not a stale one.
-    if store is None or not (store.pinned or (store.url, store.options, store.cluster)
-                             == (url, options, cluster)):
+    if store is None or not (store.pinned or (store.url, store.options, store.cluster,
+                                              store.factory) == (url, options, cluster,
+                                                                 factory)):
         with _lock:
-            store = _stores[app] = Store.from_url(url, options, cluster=cluster)
+            if factory is not None:
+                # Anything else (a proxy, a custom connection class): the user's client.
+                store = Store(factory(app), url, options)
+                store.factory = factory
+            else:
+                store = Store.from_url(url, options, cluster=cluster)
+            _stores[app] = store
     return store
 
 

@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "unique_redis_url": None,  # None: broker_url when it is Redis, else localhost
     "unique_redis_options": None,
     "unique_redis_cluster": False,  # True: a Redis Cluster client (redis.cluster)
+    "unique_redis_client": None,  # a callable(app) returning the Redis client to use
     "unique_key_prefix": "celery_unique",
     "unique_queueing_lock_timeout": 3600.0,
     "unique_queueing_lock_until": "started",
@@ -68,7 +69,8 @@ def redis_url(app: Celery) -> str:
     if url:
         return str(url)
     broker = app.conf.broker_url
-    if isinstance(broker, str) and broker.split("://", 1)[0] in ("redis", "rediss", "unix"):
+    if isinstance(broker, str) and broker.split("://", 1)[0] in ("redis", "rediss", "unix",
+                                                                 "sentinel"):
         return broker
     return "redis://localhost:6379/0"
 
@@ -148,6 +150,12 @@ def check_settings(app: Celery) -> None:
         raise ConfigurationError(
             f"{where}: unique_redis_cluster must be True or False, got {cluster!r}",
             option="unique_redis_cluster", value=cluster, where=where,
+        )
+    factory = setting(app, "unique_redis_client")
+    if factory is not None and not callable(factory):
+        raise ConfigurationError(
+            f"{where}: unique_redis_client must be a callable taking the app, got {factory!r}",
+            option="unique_redis_client", value=factory, where=where,
         )
     options = setting(app, "unique_redis_options")
     if options is not None and not isinstance(options, dict):

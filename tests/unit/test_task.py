@@ -180,6 +180,7 @@ def test_precedence_call_over_task_over_setting(app: Celery, fake_redis: Any) ->
     ("unique_redis_options", "socket_timeout=1"),
     ("unique_redis_cluster", "yes"),
     ("unique_on_store_error", "ignore"),
+    ("unique_redis_client", "redis://not-a-callable"),
 ])
 def test_app_setting_typo_fails_at_creation(app: Celery, name: str, value: Any) -> None:
     app.conf[name] = value

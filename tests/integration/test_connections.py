@@ -1,0 +1,190 @@
+"""The lock store over Sentinel (with a failover), TLS, a Unix socket and a client factory:
+real private servers each."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from celery_unique import AlreadyQueued, LockStoreUnavailable, UniqueTask
+from celery_unique.testing import RedisServer, find_redis_server, free_port, wait_for
+
+
+def make_app(url: str, **conf: Any) -> Celery:
+    app = Celery("tests", broker="memory://", set_as_current=False)
+    app.conf.update(unique_redis_url=url, task_publish_retry=False, **conf)
+    return app
+
+
+def both_locks(app: Celery) -> Any:
+    """A task with both locks; one enqueue, one duplicate refused, one locked run."""
+    name = f"tests.conn_{uuid.uuid4().hex[:8]}"
+
+    @app.task(base=UniqueTask, queueing_lock="q_{n}", name=name, shared=False)
+    def queued(n: int) -> None: ...
+
+    @app.task(base=UniqueTask, lock="l_{n}", name=f"{name}_locked", shared=False, bind=True)
+    def locked(self: Any, n: int) -> int:
+        return int(self.request.lock_fence)
+
+    queued.delay(1)
+    with pytest.raises(AlreadyQueued):
+        queued.delay(1)
+    assert locked.apply((1,)).get() > 0
+    return queued
+
+
+class Process:
+    """A redis-server (or sentinel) started from a config file of its own."""
+
+    def __init__(self, config: str, *args: str) -> None:
+        self.dir = tempfile.mkdtemp(prefix="celery-unique-conn-")
+        path = Path(self.dir, "redis.conf")
+        path.write_text(config)
+        self.process = subprocess.Popen([find_redis_server(), str(path), *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        cwd=self.dir)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture
+def sentinel() -> Iterator[tuple[int, int, int]]:
+    """A primary, its replica and one sentinel watching them: (primary, replica, sentinel)."""
+    primary = RedisServer().start()
+    replica = RedisServer("--replicaof", "127.0.0.1", str(primary.port)).start()
+    port = free_port()
+    watcher = Process(f"port {port}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1"
+                      f" {primary.port} 1\nsentinel down-after-milliseconds mymaster 1000\n"
+                      "sentinel failover-timeout mymaster 3000\n", "--sentinel")
+    try:
+        wait_for(lambda: _replicated(replica.port), timeout=15, what="the replica to sync")
+        wait_for(lambda: _master(port) == primary.port, timeout=15,
+                 what="the sentinel to watch the primary")
+        yield primary.port, replica.port, port
+    finally:
+        watcher.stop()
+        replica.stop()
+        primary.stop()
+
+
+def _replicated(port: int) -> bool:
+    return bool(redis.Redis(port=port).info("replication").get("master_link_status") == "up")
+
+
+def _master(port: int) -> int | None:
+    try:
+        address = redis.Redis(port=port).sentinel_get_master_addr_by_name("mymaster")
+    except redis.RedisError:
+        return None
+    return int(address[1]) if address else None
+
+
+def test_sentinel_with_a_failover_followed(sentinel: tuple[int, int, int]) -> None:
+    primary, replica, port = sentinel
+    app = make_app(f"sentinel://127.0.0.1:{port};sentinel://127.0.0.1:{port}/0",
+                   unique_redis_options={"master_name": "mymaster", "socket_timeout": 2})
+    queued = both_locks(app)
+    assert redis.Redis(port=primary).exists(f"celery_unique:q:{{{queued.name}:q_1}}")
+    redis.Redis(port=port).execute_command("SENTINEL", "FAILOVER", "mymaster")
+    wait_for(lambda: _master(port) == replica, timeout=30, what="the failover")
+    # Until the old primary is told to follow the new one, it still takes writes, which
+    # its resync then drops: asynchronous replication (see the guarantees page).
+    wait_for(lambda: redis.Redis(port=primary).info("replication")["role"] == "slave",
+             timeout=30, what="the old primary to follow the new one")
+
+    def enqueued() -> bool:
+        try:
+            queued.delay(2)
+        except LockStoreUnavailable:
+            return False  # the old primary refused the write: the client asks again
+        return True
+
+    wait_for(enqueued, timeout=30, what="an enqueue on the new primary")
+    assert redis.Redis(port=replica).exists(f"celery_unique:q:{{{queued.name}:q_2}}")
+    with pytest.raises(AlreadyQueued):  # the lock taken before the failover was replicated
+        queued.delay(1)
+
+
+def test_a_sentinel_url_without_master_name_is_a_clear_error() -> None:
+    app = make_app("sentinel://127.0.0.1:1")
+
+    @app.task(base=UniqueTask, queueing_lock="k", shared=False)
+    def t() -> None: ...
+
+    with pytest.raises(Exception, match="needs master_name"):
+        t.delay()
+
+
+@pytest.fixture
+def tls_server() -> Iterator[tuple[int, str]]:
+    folder = tempfile.mkdtemp(prefix="celery-unique-tls-")
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    port = free_port()
+    server = Process(f"port 0\nbind 127.0.0.1\ntls-port {port}\ntls-cert-file {cert}\n"
+                     f"tls-key-file {key}\ntls-ca-cert-file {cert}\ntls-auth-clients no\n"
+                     "save \"\"\nappendonly no\n")
+
+    def up() -> bool:
+        if server.process.poll() is not None:
+            output = server.process.stdout.read().decode() if server.process.stdout else ""
+            if "TLS" in output and "not" in output.lower():
+                pytest.skip(f"this redis-server has no TLS: {output.strip()[-200:]}")
+            raise RuntimeError(f"redis-server with TLS exited: {output[-500:]}")
+        try:
+            return bool(redis.Redis(host="127.0.0.1", port=port, ssl=True,
+                                    ssl_ca_certs=cert).ping())
+        except redis.ConnectionError:
+            return False
+
+    try:
+        wait_for(up, timeout=15, what="redis-server with TLS")
+        yield port, cert
+    finally:
+        server.stop()
+
+
+def test_tls(tls_server: tuple[int, str]) -> None:
+    port, cert = tls_server
+    app = make_app(f"rediss://127.0.0.1:{port}/0", unique_redis_options={"ssl_ca_certs": cert})
+    queued = both_locks(app)
+    client = redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=cert)
+    assert client.exists(f"celery_unique:q:{{{queued.name}:q_1}}")
+
+
+def test_unix_socket() -> None:
+    path = os.path.join(tempfile.mkdtemp(prefix="celery-unique-sock-"), "redis.sock")
+    with RedisServer("--unixsocket", path, "--unixsocketperm", "700"):
+        app = make_app(f"unix://{path}?db=3")
+        queued = both_locks(app)
+        assert redis.Redis(unix_socket_path=path, db=3).exists(
+            f"celery_unique:q:{{{queued.name}:q_1}}")
+
+
+def test_a_client_factory(unique_redis_server: RedisServer) -> None:
+    made: list[Celery] = []
+
+    def factory(app: Celery) -> redis.Redis:
+        made.append(app)
+        return redis.Redis.from_url(f"{unique_redis_server.url}/7")
+
+    app = make_app("redis://127.0.0.1:1/0", unique_redis_client=factory)
+    queued = both_locks(app)
+    assert made == [app]
+    assert redis.Redis.from_url(f"{unique_redis_server.url}/7").exists(
+        f"celery_unique:q:{{{queued.name}:q_1}}")
