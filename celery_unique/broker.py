@@ -84,7 +84,9 @@ class Push:
             getattr(channel, "_expires", None) or ())
         if self.capture:
             if plain:
-                return _kombu_put(channel, queue, message, **kwargs)  # pragma: no cover
+                # A queue with x-expires or a batch: not one LPUSH a script could redo.
+                # Nothing is pushed; the job is parked as a signature instead.
+                raise Captured()
             # A tag of the job's own: each push replaces it with a fresh one (a message
             # pushed twice must not share kombu's unacked entry).
             message["properties"]["delivery_tag"] = f"{self.task_id}.cu"
