@@ -4,8 +4,9 @@ A job takes its lock when the worker is about to run it (``UniqueTask.__call__``
 the lock is held, ``on_locked`` decides: ``"order"`` parks the job's message in Redis and
 frees the worker slot (the job that releases the lock publishes it again, in line order),
 ``"retry"`` publishes it again with a countdown, ``"skip"`` drops it. While a job runs,
-a thread renews its lease every third of it; every worker sweeps, a few times a second,
-the locks whose holder may have died, so parked jobs never wait on a dead worker.
+a thread renews its lease every third of it; every worker whose tasks use a lock sweeps,
+a few times a second, the locks whose holder may have died, so parked jobs never wait on
+a dead worker; it also keeps the places of the jobs it received (``arrivals``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 #: How often each worker sweeps the locks that have parked jobs (seconds).
 SWEEP_INTERVAL = 0.25
-#: The registry of locks with parked jobs, swept by every worker (members:
+#: The registry of locks with parked jobs, swept by the workers that use locks (members:
 #: ``"limit|lease ms|base"``, scores: when to look next, ms since the epoch).
 WAITING = "waiting"
 # Eager mode waits in the caller, asking again after these many seconds (doubling).

@@ -332,7 +332,8 @@ if redis.call('ZSCORE', KH, ARGV[1]) then
 end
 return 0
 """,
-    # Periodic, from every worker: hands places freed by expired leases to parked jobs.
+    # Periodic, from the workers that use locks: hands places freed by expired leases to
+    # parked jobs.
     # ARGV: limit, lease ms. Returns {ms until the next check or -1 when none is needed,
     # woken...}.
     "sweep": """
