@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import itertools
 import json
 from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery
 from kombu.serialization import loads
+from redis.cluster import RedisCluster
 
 from .lock import _publish_woken, waiting_key
 from .scripts import Store, get_store, lock_keys
@@ -102,7 +104,7 @@ def _glob(text: str) -> str:
 
 def iter_locks(app: Celery, *, match: str | None = None, task: str | None = None,
                kind: str | None = None, page: int = _PAGE) -> Iterator[LockInfo]:
-    """Every lock of ``app``'s store, a page at a time.
+    """Every lock of ``app``'s store, a page at a time, in the order ``SCAN`` finds them.
 
     ``match``: a glob on the value or the key; ``task``: the task a key names;
     ``kind``: ``"queueing"`` or ``"lock"``.
@@ -110,10 +112,14 @@ def iter_locks(app: Celery, *, match: str | None = None, task: str | None = None
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     store = get_store(app)
-    if kind in (None, "queueing"):
-        yield from _queueing(app, store, match, task, page)
-    if kind in (None, "lock"):
-        yield from _locks(app, store, match, task, page)
+    # One pass over the keyspace for both kinds: a scan costs the size of the whole
+    # keyspace however few keys match, so a pass per kind would double the listing.
+    letter = {"queueing": "q", "lock": "l", None: "[ql]"}[kind]
+    pattern = f"{_glob(_prefix(app))}:{letter}:{{{_glob(task) + ':' if task else ''}*"
+    for keys in _pages(store.client, pattern, page):
+        for info in _infos(app, store, list(_entries(app, keys))):
+            if _wanted(info, match, task):
+                yield info
 
 
 def _wanted(info: LockInfo, match: str | None, task: str | None) -> bool:
@@ -124,6 +130,11 @@ def _wanted(info: LockInfo, match: str | None, task: str | None) -> bool:
 
 
 def _pages(client: Any, pattern: str, page: int) -> Iterator[list[str]]:
+    if isinstance(client, RedisCluster):  # a cursor per node: redis-py walks them
+        keys = client.scan_iter(match=pattern, count=page)
+        while batch := [_text(k) for k in itertools.islice(keys, page)]:
+            yield batch
+        return
     cursor: Any = 0
     while True:
         cursor, keys = client.scan(cursor, match=pattern, count=page)
@@ -133,92 +144,88 @@ def _pages(client: Any, pattern: str, page: int) -> Iterator[list[str]]:
             return
 
 
-def _queueing(app: Celery, store: Store, match: str | None, task: str | None, page: int
-              ) -> Iterator[LockInfo]:
-    base = f"{_prefix(app)}:q:{{"
-    pattern = f"{_glob(base)}{_glob(task)}:*" if task else f"{_glob(base)}*"
-    for keys in _pages(store.client, pattern, page):
-        for info in _queueing_infos(app, store, keys):
-            if _wanted(info, match, task):
-                yield info
+def _entries(app: Celery, keys: list[str]) -> Iterator[tuple[str, str]]:
+    """The locks among scanned keys, as ``(letter, key)`` (the letters of ``READ_LOCKS``):
+    a queueing lock by its key, a lock by its holders key or, when it has none, its line;
+    its other keys (parked, seq, arrival) and the sweepers' registry are passed over."""
+    queueing, lock = f"{_prefix(app)}:q:{{", f"{_prefix(app)}:l:{{"
+    for key in keys:
+        if key.startswith(queueing):
+            if key.endswith("}"):
+                yield "q", key
+        elif key.startswith(lock):
+            if key.endswith("}:holders"):
+                yield "h", key[: -len(":holders")]
+            elif key.endswith("}:line"):
+                yield "l", key[: -len(":line")]
 
 
-def _queueing_infos(app: Celery, store: Store, keys: list[str]) -> list[LockInfo]:
-    if store.cluster:  # keys of many slots: a pipeline
-        pipe = store.client.pipeline(transaction=False)
-        for key in keys:
-            pipe.get(key).pttl(key)
-        flat = pipe.execute()
-        rows = [(_text(flat[i] or b""), int(flat[i + 1])) for i in range(0, len(flat), 2)]
-    else:
-        text = _text(store.run(store.read_queueing, keys, []))
-        rows = [(holder, int(pttl)) for holder, pttl in
-                (line.split("\0") for line in text.split("\n"))] if keys else []
-    skip = len(f"{_prefix(app)}:q:{{")
-    split = _splitter(app, scoped=True)
-    out = []
-    for key, (holder, pttl) in zip(keys, rows):
-        if not holder:
-            continue  # released since the page was read
-        name, value = split(key[skip:-1])
-        out.append(LockInfo(key, "queueing", name, value, (holder,),
-                            pttl / 1000 if pttl >= 0 else None, None, 0))
-    return out
-
-
-def _locks(app: Celery, store: Store, match: str | None, task: str | None, page: int
-           ) -> Iterator[LockInfo]:
-    base = f"{_prefix(app)}:l:{{"
-    head = f"{_glob(base)}{_glob(task)}:*" if task else f"{_glob(base)}*"
-    # A lock is held (holders) or waited for (line); one waited for and held is listed
-    # with its holders, so the second pass skips the bases that have holders.
-    for suffix, other in ((":holders", None), (":line", ":holders")):
-        for keys in _pages(store.client, f"{head}}}{suffix}", page):
-            bases = [k[: -len(suffix)] for k in keys]
-            for info in _lock_infos(app, store, bases, skip_if=other):
-                if _wanted(info, match, task):
-                    yield info
-
-
-def _lock_infos(app: Celery, store: Store, bases: list[str], skip_if: str | None = None
-                ) -> list[LockInfo]:
-    client = store.client
-    if skip_if:  # the second pass: locks already listed with their holders
-        pipe = client.pipeline(transaction=False)
-        for b in bases:
-            pipe.exists(f"{b}{skip_if}")
-        bases = [b for b, listed in zip(bases, pipe.execute()) if not listed]
-    keys = [k for b in bases for k in _read_keys(b)]
+def _infos(app: Celery, store: Store, entries: list[tuple[str, str]]) -> list[LockInfo]:
+    """The locks ``entries`` name, read in one command (a pipeline on a cluster, whose
+    keys span slots); those gone since the scan, or listed by their holders, left out."""
+    if not entries:
+        return []
     if store.cluster:
-        pipe = client.pipeline(transaction=False)
-        seconds, micros = client.time()
-        replies: list[Any] = [int(seconds) * 1000 + int(micros) // 1000]
-        for i in range(0, len(keys), 3):
-            pipe.zrange(keys[i], 0, -1, withscores=True).zcard(keys[i + 1]).get(keys[i + 2])
-        for i, r in enumerate(pipe.execute()):
-            replies.append([x for pair in r for x in pair] if i % 3 == 0 else r)
+        now_ms, rows = _read_pipelined(store, entries)
     else:
-        replies = list(store.run(store.read_locks, keys, []))
-    now_ms = int(replies[0])
-    prefix = f"{_prefix(app)}:l:{{"
-    split = _splitter(app, scoped=False)
+        keys = [k for letter, key in entries for k in _read_keys(letter, key)]
+        text = _text(store.run(store.read_locks, keys, ["".join(e[0] for e in entries)]))
+        first, *lines = text.split("\n")
+        now_ms = int(first)
+        rows = [line.split("\0") if line else None for line in lines]
+    prefix = _prefix(app)
+    queueing = _splitter(app, scoped=True)
+    shared = _splitter(app, scoped=False)
     out = []
-    for i, b in enumerate(bases):
-        flat, waiting, seq = replies[1 + 3 * i: 4 + 3 * i]
-        if not flat and not waiting:
-            continue  # released since the page was read
-        name, value = split(b[len(prefix):-1])
-        holders = [_text(t) for t in flat[0::2]]
-        soonest = min((float(d) for d in flat[1::2]), default=None)
-        out.append(LockInfo(b, "lock", name, value, tuple(holders),
+    for (letter, key), row in zip(entries, rows):
+        if row is None:
+            continue
+        if letter == "q":
+            name, value = queueing(key[len(prefix) + 4:-1])
+            pttl = int(row[1])
+            out.append(LockInfo(key, "queueing", name, value, (row[0],),
+                                pttl / 1000 if pttl >= 0 else None, None, 0))
+            continue
+        name, value = shared(key[len(prefix) + 4:-1])
+        soonest = min((float(d) for d in row[3::2]), default=None)
+        out.append(LockInfo(key, "lock", name, value, tuple(row[2::2]),
                             max(0.0, (soonest - now_ms) / 1000) if soonest else None,
-                            int(seq) if seq not in (None, False) else None, int(waiting)))
+                            int(row[1]) if row[1] else None, int(row[0])))
     return out
 
 
-def _read_keys(base: str) -> list[str]:
-    holders, line, _, seq, _ = lock_keys(base)
+def _read_keys(letter: str, key: str) -> list[str]:
+    if letter == "q":
+        return [key]
+    holders, line, _, seq, _ = lock_keys(key)
     return [holders, line, seq]
+
+
+def _read_pipelined(store: Store, entries: list[tuple[str, str]]
+                    ) -> tuple[int, list[list[str] | None]]:
+    """``READ_LOCKS``' rows, read with one pipeline of plain commands."""
+    pipe = store.client.pipeline(transaction=False)
+    for letter, key in entries:
+        keys = _read_keys(letter, key)
+        if letter == "q":
+            pipe.get(key).pttl(key)
+        else:
+            pipe.zrange(keys[0], 0, -1, withscores=True).zcard(keys[1]).get(keys[2])
+    seconds, micros = store.client.time()
+    replies = iter(pipe.execute())
+    rows: list[list[str] | None] = []
+    for letter, _ in entries:
+        if letter == "q":
+            holder, pttl = next(replies), next(replies)
+            rows.append([_text(holder), str(pttl)] if holder else None)
+            continue
+        held, waiting, seq = next(replies), next(replies), next(replies)
+        if (letter == "l" and held) or not (held or waiting):
+            rows.append(None)
+            continue
+        flat = [str(x) if isinstance(x, float) else _text(x) for pair in held for x in pair]
+        rows.append([str(waiting), _text(seq) if seq else "", *flat])
+    return int(seconds) * 1000 + int(micros) // 1000, rows
 
 
 def get_lock(app: Celery, key_or_value: str) -> LockDetail | None:
@@ -230,9 +237,9 @@ def get_lock(app: Celery, key_or_value: str) -> LockDetail | None:
         if key.startswith(f"{prefix}:l:") and key.endswith(suffix):
             key = key[: -len(suffix)]
     if key.startswith(f"{prefix}:q:"):
-        found = _queueing_infos(app, store, [key])
+        found = _infos(app, store, [("q", key)])
     elif key.startswith(f"{prefix}:l:"):
-        found = list(_lock_infos(app, store, [key]))
+        found = _infos(app, store, [("h", key)])
     else:  # a value: the locks of any task with that value
         found = [i for i in iter_locks(app) if i.value == key_or_value]
     if not found:

@@ -7,6 +7,7 @@ and a non-zero exit: 1 for an error, 3 for a duplicate refused by ``defer``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -22,6 +23,9 @@ from .exceptions import AlreadyQueued, CeleryUniqueError
 from .settings import redis_url, safe_url
 
 __all__ = ["DUPLICATE", "unique"]
+
+#: The human table's columns fit its first rows, however many follow.
+_TABLE_WIDTHS_FROM = 1000
 
 #: ``defer``'s exit status for a duplicate refused (without ``-i``).
 DUPLICATE = 3
@@ -110,17 +114,22 @@ def locks(ctx: click.Context, match: str | None, task: str | None, kind: str | N
             out.write(("," if n else "") + "\n" + json.dumps(info.as_dict()))
         out.write("\n]\n")
         return
-    rows = [(info.kind, info.task or "-", info.value, ",".join(info.holders) or "-",
+    rows = ((info.kind, info.task or "-", info.value, ",".join(info.holders) or "-",
              _states(app, info.holders) if states else "-", _ttl(info.ttl),
              "-" if info.fence is None else str(info.fence), str(info.waiting))
-            for info in found]
+            for info in found)
     header = ("KIND", "TASK", "VALUE", "HOLDERS", "STATE", "TTL", "FENCE", "WAITING")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
+    # Streamed too: the columns are as wide as the first rows need, later longer cells
+    # push theirs, so a million locks never sit in memory.
+    first = list(itertools.islice(rows, _TABLE_WIDTHS_FROM))
+    widths = [max(len(r[i]) for r in [header, *first]) for i in range(len(header))]
+    counts = {"queueing": 0, "lock": 0}
+    for n, row in enumerate(itertools.chain([header], first, rows)):
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    kinds = [r[0] for r in rows]
-    click.echo(f"{len(rows)} locks ({kinds.count('queueing')} queueing,"
-               f" {kinds.count('lock')} locks)")
+        if n:
+            counts[row[0]] += 1
+    click.echo(f"{sum(counts.values())} locks ({counts['queueing']} queueing,"
+               f" {counts['lock']} locks)")
 
 
 def _limited(found: Iterator[admin.LockInfo], limit: int | None) -> Iterator[admin.LockInfo]:

@@ -98,29 +98,38 @@ if (not holder) or holder == ARGV[1] then return false end
 return {holder, redis.call('PTTL', KEYS[1])}
 """
 
-#: The operator's listing (``celery_unique.admin``): a page of queueing locks read in one
-#: command. KEYS: the keys. Returns one string, a line per key: ``holder NUL PTTL``
-#: (holder '' when the key is gone): one reply to parse, not two per key.
-READ_QUEUEING_LOCKS = """
-local out, nul = {}, string.char(0)
-for i, key in ipairs(KEYS) do
-  out[i] = (redis.call('GET', key) or '') .. nul .. redis.call('PTTL', key)
-end
-return table.concat(out, string.char(10))
-"""
-
-#: The same for a page of execution locks. KEYS: each lock's holders, line and seq keys,
-#: in threes. Returns the server time in ms, then per lock ``{holders and their deadlines
-#: (flat), jobs in line, seq or false}``.
+#: The operator's listing (``celery_unique.admin``): a page of locks of both kinds read in
+#: one command. KEYS: per queueing lock its key; per execution lock its holders, line and
+#: seq keys. ARGV[1]: one letter per lock, in KEYS' order: ``q`` a queueing lock, ``h`` a
+#: lock found by its holders key, ``l`` one found by its line (skipped when it has
+#: holders: the scan lists it by those). Returns one string, the server time in ms, then a
+#: line per lock, ``holder NUL PTTL`` (queueing) or ``waiting NUL seq NUL token NUL
+#: deadline...`` (lock), empty for a lock gone or skipped: one reply to parse, not a
+#: nested array.
 READ_LOCKS = """
 local clock = redis.call('TIME')
+local nul = string.char(0)
 local out = {tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)}
-for i = 1, #KEYS, 3 do
-  out[#out + 1] = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
-  out[#out + 1] = redis.call('ZCARD', KEYS[i + 1])
-  out[#out + 1] = redis.call('GET', KEYS[i + 2])
+local k = 1
+for i = 1, #ARGV[1] do
+  local kind = string.sub(ARGV[1], i, i)
+  if kind == 'q' then
+    local holder = redis.call('GET', KEYS[k])
+    out[#out + 1] = holder and (holder .. nul .. redis.call('PTTL', KEYS[k])) or ''
+    k = k + 1
+  else
+    local held = redis.call('ZRANGE', KEYS[k], 0, -1, 'WITHSCORES')
+    local waiting = redis.call('ZCARD', KEYS[k + 1])
+    if (kind == 'l' and #held > 0) or (#held == 0 and waiting == 0) then
+      out[#out + 1] = ''
+    else
+      out[#out + 1] = waiting .. nul .. (redis.call('GET', KEYS[k + 2]) or '') ..
+        (#held > 0 and (nul .. table.concat(held, nul)) or '')
+    end
+    k = k + 3
+  end
 end
-return out
+return table.concat(out, string.char(10))
 """
 
 # -- the execution lock ------------------------------------------------------------------
@@ -456,7 +465,6 @@ class Store:
         #: Run on kombu's connection by the broker hook (``client=``), not on ours.
         self.push_script = client.register_script(PUSH_WITH_LOCKS)
         self._peek = client.register_script(PEEK_QUEUEING_LOCK)
-        self.read_queueing = client.register_script(READ_QUEUEING_LOCKS)
         self.read_locks = client.register_script(READ_LOCKS)
         self._spare = threading.local()
         #: Keys recently found held (an ordered set): a hint of where to wait for the

@@ -1,6 +1,6 @@
 project = "celery-unique"
 author = "celery-unique developers"
-extensions = ["sphinx.ext.autodoc", "sphinx.ext.intersphinx"]
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.intersphinx", "sphinx_click"]
 intersphinx_mapping = {}  # no network in CI: references stay within these docs
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"

@@ -1,7 +1,9 @@
 """A worker's app whose tasks use no lock (the unique task may be given one per call).
 
-Its broker and its lock store are two different servers (``CELERY_UNIQUE_QUIET_BROKER``,
-``CELERY_UNIQUE_QUIET_STORE``), so the tests can count connections to the store alone.
+Its broker (``CELERY_UNIQUE_QUIET_BROKER``: Redis or RabbitMQ), its lock store
+(``CELERY_UNIQUE_QUIET_STORE``) and the Redis its jobs report to
+(``CELERY_UNIQUE_QUIET_DONE``) are apart, so the tests can count connections to the
+store alone.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     task_ignore_result=True,
 )
-BROKER = app.connection_for_write().as_uri(include_password=True)
+DONE = os.environ.get("CELERY_UNIQUE_QUIET_DONE", "")
 
 
 @app.task(name="quiet.plain")
@@ -35,4 +37,4 @@ def unique(key: str) -> None:
 def _done(key: str) -> None:
     import redis
 
-    redis.Redis.from_url(BROKER).rpush("quiet:done", key)
+    redis.Redis.from_url(DONE).rpush("quiet:done", key)

@@ -32,6 +32,12 @@ def reachable(url: str) -> bool:
         return False
 
 
+def delete_queue(url: str, name: str) -> None:
+    """Leave the RabbitMQ the machine runs as it was: the test's queue goes."""
+    with Connection(url, connect_timeout=2) as conn:
+        conn.default_channel.queue_delete(name)
+
+
 @pytest.fixture(scope="module")
 def amqp(unique_redis_server: RedisServer) -> Iterator[Any]:
     if not reachable(BROKER):
@@ -49,6 +55,7 @@ def amqp(unique_redis_server: RedisServer) -> Iterator[Any]:
         yield amqp_app
     finally:
         worker.stop()
+        delete_queue(BROKER, env["CELERY_UNIQUE_TEST_AMQP_QUEUE"])
 
 
 def test_alphabet_and_duplicates_over_rabbitmq(amqp: Any) -> None:

@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import string
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ from celery import Task
 from celery_unique import AlreadyQueued
 from celery_unique.testing import RedisServer, wait_for
 
-from .conftest import Worker
+from .conftest import ROOT, Worker
 
 pytestmark = pytest.mark.acceptance
 
@@ -269,6 +271,34 @@ def test_revoked_waiting_job_leaves_the_line(
     assert [int(n) for n in coord.lrange(f"starts:{run}", 0, -1)] == [0, 2, 3]
     wait_for(waiting[0].ready, timeout=10, what="the revoked job's result")
     assert waiting[0].state == "REVOKED"
+    wait_for(lambda: no_lock_keys(store, f"gate_{run}"), timeout=10, what="no lock left")
+
+
+def test_an_operators_release_hands_the_lock_to_the_first_in_line_which_runs(
+    tasks: Any, coord: Any, store: Any
+) -> None:
+    """``celery unique release`` on a held lock with jobs waiting: the first in line is
+    handed the lock and runs at once (its holder still running), the second still waits
+    its turn behind it, and the old holder's own end later frees nothing of theirs."""
+    run = run_id()
+    tasks.gated.delay(run, 0, hold=True)
+    wait_for(lambda: coord.llen(f"starts:{run}") == 1, what="the holder to start")
+    waiting = [tasks.gated.apply_async((run, n), {"hold": n == 1}) for n in (1, 2)]
+    wait_for(lambda: sum(store.hlen(k) for k in store.keys(f"*gate_{run}*:parked")) == 2,
+             timeout=20, what="two parked jobs")
+    key = f"celery_unique:l:{{gate_{run}}}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.acceptance.tasks", "unique", "release",
+         key, "--yes"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # Job 1 runs although job 0 has not ended (the operator chose so); job 2 waits for 1.
+    wait_for(lambda: coord.llen(f"starts:{run}") == 2, timeout=20, what="job 1 to run")
+    assert [int(n) for n in coord.lrange(f"starts:{run}", 0, -1)] == [0, 1]
+    assert store.zrange(key + ":holders", 0, -1) == [waiting[0].id.encode()]
+    coord.set(f"go:{run}", 1)  # 0 and 1 end: 0's release must not free 1's hand-over
+    wait_for(lambda: coord.llen(f"starts:{run}") == 3, timeout=20, what="job 2 to run")
+    assert [int(n) for n in coord.lrange(f"starts:{run}", 0, -1)] == [0, 1, 2]
     wait_for(lambda: no_lock_keys(store, f"gate_{run}"), timeout=10, what="no lock left")
 
 

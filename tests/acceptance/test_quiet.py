@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,6 +16,8 @@ from celery_unique.lock import SWEEP_INTERVAL
 from celery_unique.testing import RedisServer, wait_for
 
 from .conftest import Worker
+from .test_amqp import BROKER as AMQP
+from .test_amqp import delete_queue, reachable
 
 pytestmark = pytest.mark.acceptance
 
@@ -34,19 +38,23 @@ def connections(server: RedisServer) -> int:
         client.close()
 
 
+@pytest.mark.parametrize("broker_kind", ["redis", "amqp"])
 def test_a_worker_without_locks_never_connects_to_the_lock_store(
-    unique_redis_server: RedisServer, lock_store: RedisServer
+    unique_redis_server: RedisServer, lock_store: RedisServer, broker_kind: str
 ) -> None:
     queue = f"quiet-{uuid.uuid4().hex}"
-    broker_url = f"{unique_redis_server.url}/5"
+    done_url = f"{unique_redis_server.url}/5"
+    if broker_kind == "amqp" and not reachable(AMQP):
+        pytest.skip(f"no RabbitMQ at {AMQP}: the non-Redis broker is not tested here")
+    broker_url = done_url if broker_kind == "redis" else AMQP
     env = {"CELERY_UNIQUE_QUIET_BROKER": broker_url, "CELERY_UNIQUE_QUIET_STORE": lock_store.url,
-           "CELERY_UNIQUE_QUIET_QUEUE": queue}
+           "CELERY_UNIQUE_QUIET_QUEUE": queue, "CELERY_UNIQUE_QUIET_DONE": done_url}
     os.environ.update(env)
-    from tests.acceptance import quiet_app
-
-    quiet_app.app.conf.update(broker_url=broker_url, unique_redis_url=lock_store.url,
-                              task_default_queue=queue)
-    broker = redis.Redis.from_url(broker_url)
+    # A fresh app for each broker: the module reads the environment set above.
+    sys.modules.pop("tests.acceptance.quiet_app", None)
+    quiet_app = importlib.import_module("tests.acceptance.quiet_app")
+    assert quiet_app.app.conf.broker_url == broker_url
+    broker = redis.Redis.from_url(done_url)
     broker.delete("quiet:done")
     before = connections(lock_store)
     worker = Worker(unique_redis_server, concurrency=2, name="quiet", queues=queue,
@@ -75,3 +83,5 @@ def test_a_worker_without_locks_never_connects_to_the_lock_store(
         assert "sweeping the locks failed" not in worker.logs()
     finally:
         worker.stop()
+        if broker_kind == "amqp":
+            delete_queue(AMQP, queue)

@@ -93,3 +93,32 @@ def test_enqueue_then_the_worker_takes_the_lock(cluster: str) -> None:
     assert not redis.Redis.from_url(cluster).exists(queueing_key)
     sync.delay("acme")  # queued again while the first one runs
     assert store.lock("release", lock.base, [job.id, lock.limit, lock.lease_ms]) == [1]
+
+
+def test_the_operators_api_lists_shows_and_releases(cluster: str) -> None:
+    """The listing reads with a pipeline there (a page's keys span slots): both kinds."""
+    from celery_unique import admin
+
+    app = make_app(cluster, eager=False)
+    store = get_store(app)
+    redis.Redis.from_url(cluster).flushall()
+    try:
+        for n in range(30):
+            assert store.acquire_queueing_lock(f"celery_unique:q:{{t.report:r{n}}}",
+                                               f"job-{n}", 60_000)[0]
+        base = "celery_unique:l:{res}"
+        assert store.lock("acquire", base, ["holder", 1, 60_000, "order", 60_000])[0] == 1
+        store.lock("acquire", base, ["next", 1, 60_000, "order", 60_000])
+        found = {i.key: i for i in admin.iter_locks(app, page=7)}
+        assert len(found) == 31
+        assert found["celery_unique:q:{t.report:r3}"].holders == ("job-3",)
+        lock = found[base]
+        assert (lock.kind, lock.holders, lock.waiting) == ("lock", ("holder",), 1)
+        assert lock.ttl is not None and 0 < lock.ttl <= 60 and lock.fence is not None
+        assert [i.key for i in admin.iter_locks(app, kind="lock")] == [base]
+        detail = admin.get_lock(app, base)
+        assert detail is not None and [w.task_id for w in detail.line] == ["next"]
+        assert admin.release(app, base) == 1
+        assert admin.clear(app, kind="queueing") == 30
+    finally:
+        redis.Redis.from_url(cluster).flushall()
