@@ -142,9 +142,15 @@ def _skip(task: Task, lock: Lock, holder: str) -> None:
     logger.warning("celery-unique: %s", exc)
     # REVOKED is final (ready() is true) and neither success nor failure; get() raises
     # this error instead of waiting for a result that will never come.
-    if not request.is_eager and not task.ignore_result:
+    if request.is_eager:
+        eager_skipped[request.id] = exc  # UniqueTask.apply makes its result REVOKED
+    elif not task.ignore_result:
         task.backend.store_result(request.id, exc, REVOKED, request=request)
     request._unique_skipped = True
+
+
+#: Jobs skipped while run eagerly, by id, until ``apply`` reads them (it always does).
+eager_skipped: dict[str, LockHeld] = {}
 
 
 def _requeue(task: Task, lock: Lock, counter: str = "w",

@@ -695,6 +695,9 @@ def line_keys(base: str) -> list[str]:
 
 _stores: weakref.WeakKeyDictionary[Celery, Store] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+#: Bumped whenever an app is given another store: tasks keep theirs until it changes
+#: (reading the settings on every enqueue would cost more than the lock's own work).
+generation = 0
 
 
 def get_store(app: Celery) -> Store:
@@ -720,13 +723,22 @@ def get_store(app: Celery) -> Store:
                 store.factory = factory
             else:
                 store = Store.from_url(url, options, cluster=cluster)
-            _stores[app] = store
+            _set_store(app, store)
     return store
 
 
-def use_store(app: Celery, store: Store) -> None:
-    """Make ``app`` use ``store`` (tests)."""
-    _stores[app] = store
+def use_store(app: Celery, store: Store | None) -> None:
+    """Make ``app`` use ``store`` (tests); ``None``: the one its settings name again."""
+    _set_store(app, store)
+
+
+def _set_store(app: Celery, store: Store | None) -> None:
+    global generation
+    if store is None:
+        _stores.pop(app, None)
+    else:
+        _stores[app] = store
+    generation += 1
 
 
 def release_quietly(store: Store, key: str, token: str, why: str) -> None:

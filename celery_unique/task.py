@@ -11,9 +11,10 @@ from typing import Any, ClassVar
 
 from celery import Celery, Task, signals
 from celery.canvas import Signature
-from celery.result import AsyncResult
-from celery.states import REJECTED, RETRY
+from celery.result import AsyncResult, EagerResult
+from celery.states import REJECTED, RETRY, REVOKED
 
+from . import scripts
 from . import signals as unique_signals
 from .broker import HEADER, Duplicate
 from .enqueue import Enqueue
@@ -27,7 +28,7 @@ from .keys import (
     compile_spec,
     task_signature,
 )
-from .lock import Lock, acquire_or_wait, release_lock
+from .lock import Lock, acquire_or_wait, eager_skipped, release_lock
 from .scripts import Store, get_store, release_quietly
 from .settings import (
     CALL_OPTIONS,
@@ -90,7 +91,7 @@ class UniqueTask(Task):  # type: ignore[misc]
     _unique_queueing: ClassVar[CompiledSpec | None] = None
     _unique_lock: ClassVar[CompiledSpec | None] = None
     _unique_defaults: ClassVar[dict[str, Any]] = {}
-    _unique_store_obj: ClassVar[Store | None] = None
+    _unique_store_obj: ClassVar[tuple[int, Store] | None] = None
 
     # -- set-up: options are checked when Celery creates the task ------------------------
 
@@ -157,9 +158,12 @@ class UniqueTask(Task):  # type: ignore[misc]
         return self._unique_defaults[name] if value is None else value
 
     def _unique_store(self) -> Store:
-        store = type(self)._unique_store_obj
-        if store is None:
-            store = type(self)._unique_store_obj = get_store(self._get_app())
+        cached = type(self)._unique_store_obj
+        if cached is not None and cached[0] == scripts.generation:
+            return cached[1]
+        generation = scripts.generation
+        store = get_store(self._get_app())
+        type(self)._unique_store_obj = (generation, store)
         return store
 
     # -- caller side ----------------------------------------------------------------------
@@ -326,6 +330,15 @@ class UniqueTask(Task):  # type: ignore[misc]
         # The tracer has already pushed this task and its request; Task.__call__ would
         # push a fresh request without the job's id.
         return self.run(*args, **kwargs)
+
+    def apply(self, *args: Any, **kwargs: Any) -> EagerResult:
+        """Run the job in the caller, its locks enforced: a job skipped for its lock
+        (``on_locked="skip"``) ends ``REVOKED`` with :class:`LockHeld`, as on a worker."""
+        result = super().apply(*args, **kwargs)
+        skipped = eager_skipped.pop(result.id, None)
+        if skipped is not None:
+            return EagerResult(result.id, skipped, REVOKED, name=self.name)
+        return result
 
     def _unique_finish(self, state: str, retval: Any) -> None:
         """Release what the job holds at its end; called for every state (task_postrun)."""

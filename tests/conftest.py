@@ -8,6 +8,11 @@ from celery import Celery
 
 from celery_unique.scripts import Store, use_store
 
+# The plugin is opt-in (installing the package loads nothing): the suite enables it.
+pytest_plugins = ["celery_unique.testing", "pytester"]
+# A user's project, run by tests/integration/test_plugin.py with pytest's own pytester.
+collect_ignore = ["integration/plugin_project"]
+
 
 @pytest.fixture
 def fake_redis() -> fakeredis.FakeRedis:

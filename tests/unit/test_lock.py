@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from celery.states import IGNORED, SUCCESS
+from celery.states import REVOKED, SUCCESS
 
-from celery_unique import ConfigurationError, UniqueTask
+from celery_unique import ConfigurationError, LockHeld, UniqueTask
 from celery_unique import signals as unique_signals
 
 
@@ -89,7 +89,11 @@ def test_skip_in_the_caller(app: Celery, fake_redis: Any) -> None:
     unique_signals.lock_waiting.connect(waiting, weak=False)
     try:
         held_by_other(app, t, "celery_unique:l:{x}")
-        assert t.apply().state == IGNORED
+        result = t.apply()
+        # As on a worker: final, neither success nor failure, and get() says why.
+        assert result.state == REVOKED
+        with pytest.raises(LockHeld, match="held by other"):
+            result.get()
         assert events == ["skipped"]
     finally:
         unique_signals.lock_waiting.disconnect(waiting)
