@@ -92,6 +92,8 @@ class UniqueTask(Task):  # type: ignore[misc]
     _unique_lock: ClassVar[CompiledSpec | None] = None
     _unique_defaults: ClassVar[dict[str, Any]] = {}
     _unique_store_obj: ClassVar[tuple[int, Store] | None] = None
+    #: What a refused duplicate raises (the migration shims raise their libraries' own).
+    _unique_already_queued: ClassVar[type[AlreadyQueued]] = AlreadyQueued
 
     # -- set-up: options are checked when Celery creates the task ------------------------
 
@@ -290,7 +292,7 @@ class UniqueTask(Task):  # type: ignore[misc]
             action=action,
         )
         if action == "raised":
-            raise AlreadyQueued(
+            raise self._unique_already_queued(
                 f"{self.name}: a job is already queued under {key} (task id {holder},"
                 f" lock expires in {ttl:.1f}s)",
                 key=key, task_id=holder, ttl=ttl, task_name=self.name,
@@ -353,8 +355,10 @@ class UniqueTask(Task):  # type: ignore[misc]
             release_lock(self, request.id, lock, state, (info or {}).get("k"))
         if info is None or not info.get("q") or getattr(request, "_unique_released", False):
             return
-        if state == RETRY and not request.is_eager:
-            return  # the retry's message holds the queueing lock now
+        if state == RETRY:
+            # The retry holds the queueing lock now: its message, or in eager mode its
+            # run in the caller, which carries the same header and releases it.
+            return
         if state == REJECTED and getattr(retval, "requeue", False):
             return  # the message goes back to the queue and will run again
         request._unique_released = True

@@ -19,6 +19,7 @@ from celery.exceptions import Ignore, Reject
 
 from celery_unique import UniqueTask
 from celery_unique import signals as unique_signals
+from celery_unique.compat import QueueOnce, Singleton
 
 # The tests' private server, never a Redis the machine runs: set by the tests' fixtures.
 SERVER = os.environ["CELERY_UNIQUE_TEST_REDIS"]
@@ -326,3 +327,30 @@ def through_outage(self: Any, run: str, n: int) -> int:
     coord.rpush(f"intervals:{run}", json.dumps([n, start, time.time(),
                                                 getattr(self.request, "lock_fence", None)]))
     return n
+
+
+# -- the migration shims -------------------------------------------------------------
+
+app.conf.ONCE = {"backend": "celery_once.backends.Redis", "settings": {"default_timeout": 60}}
+
+
+@app.task(base=Singleton, name="acceptance.single", bind=True)
+def single(self: Any, token: str, outcome: str = "ok") -> str:
+    """celery-singleton's task: held while queued and running; ends as ``outcome``."""
+    coord.set(f"started:{token}", self.request.id)
+    if outcome == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    wait_go(token)
+    end_as(self, outcome, token)
+    return token
+
+
+@app.task(base=QueueOnce, once={"keys": ["token"]}, name="acceptance.once_retry", bind=True,
+          max_retries=1)
+def once_retry(self: Any, token: str, n: int = 0) -> int:
+    """celery-once's task that retries once, after 1.5 s (celery-once dropped its lock)."""
+    coord.rpush(f"runs:{token}", self.request.retries)
+    if self.request.retries == 0:
+        raise self.retry(countdown=1.5)
+    wait_go(token)
+    return int(self.request.retries)
