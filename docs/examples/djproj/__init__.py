@@ -1,0 +1,1 @@
+"""A Django project's pieces, for the Django how-to (its test runs them)."""

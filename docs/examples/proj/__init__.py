@@ -1,0 +1,1 @@
+"""The project the how-tos' examples belong to (their tests run every one of them)."""

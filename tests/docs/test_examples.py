@@ -1,0 +1,264 @@
+"""Every how-to's code, run: the examples in ``docs/examples`` that the pages include."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery.beat import ScheduleEntry, Scheduler
+
+from celery_unique import LockHeld
+from celery_unique.testing import UniqueLocks
+
+from .conftest import EXAMPLES, services
+
+
+def test_pdf_report(example: Any, unique: UniqueLocks, published: list[str]) -> None:
+    pdf = example("pdf_report")
+    assert pdf.request_report("alice@example.com").startswith("Your report will be")
+    assert pdf.request_report("alice@example.com") == "Your report is already on its way."
+    assert pdf.request_report("bob@example.com").startswith("Your report will be")
+    assert len(published) == 2
+    assert [lock.value for lock in unique.locks()] != []
+    unique.release_all()
+    unique.eager()
+    pdf.send_pdf_report.delay("carol@example.com")
+    assert services.done == [("report sent", "carol@example.com")]
+
+
+def test_unique_enqueue(example: Any, unique: UniqueLocks, published: list[str]) -> None:
+    mod = example("unique_enqueue")
+    mod.schedule_cleanup()
+    mod.schedule_cleanup()  # ignored: one is waiting
+    assert len(published) == 1
+    assert [lock.value for lock in unique.locks()] == ["maintenance"]
+    mod.my_task.delay()
+    with unique.raises_duplicate() as caught:
+        mod.my_task.delay()
+    assert caught[0].key.endswith(":my_lock_value_aaa}")
+    mod.my_task.delay(param_1="bbb")
+
+
+def test_one_at_a_time(example: Any, unique: UniqueLocks, monkeypatch: Any) -> None:
+    mod = example("one_at_a_time")
+    unique.eager()
+    url = "https://example.com/feed.xml"
+    during: list[Any] = []
+
+    def importing(feed_url: str) -> str:  # a second import while this one runs
+        during.append(mod.import_feed.delay(feed_url))
+        return feed_url
+
+    monkeypatch.setattr(mod, "import_feed_now", importing)
+    assert mod.import_feed.delay(url).get() == url
+    assert during[0].state == "REVOKED"
+    with pytest.raises(LockHeld):
+        during[0].get()
+    assert unique.locks() == []
+
+
+def test_in_order(example: Any, unique: UniqueLocks, tmp_path: Path) -> None:
+    mod = example("in_order")
+    unique.eager()
+    path = tmp_path / "alphabet.txt"
+    mod.write_alphabet(str(path))
+    assert path.read_text() == "abcdefghijklmnopqrstuvwxyz"
+    assert unique.locks() == []
+
+
+def test_per_arguments(example: Any, unique: UniqueLocks, monkeypatch: Any,
+                       published: list[str]) -> None:
+    mod = example("per_arguments")
+    mod.rebuild_profile.delay(1, "signup")
+    with unique.raises_duplicate():
+        mod.rebuild_profile.delay(1, "manual")  # the same user: one queued at most
+    mod.rebuild_profile.delay(2)
+    assert len(published) == 2
+    unique.release_all()
+    unique.eager()
+    during: list[Any] = []
+
+    def charging(user_id: int, amount: int) -> None:
+        if not during:
+            during.append(mod.process_payment.delay(user_id, amount))  # the same: skipped
+            during.append(mod.process_payment.delay(user_id, amount + 1))  # another: runs
+        services.done.append(("charged", (user_id, amount)))
+
+    monkeypatch.setattr(mod, "charge_card", charging)
+    mod.process_payment.delay(7, 100)
+    assert [r.state for r in during] == ["REVOKED", "SUCCESS"]
+    assert services.done == [("charged", (7, 101)), ("charged", (7, 100))]
+
+
+def test_queued_and_running(example: Any, unique: UniqueLocks) -> None:
+    mod = example("queued_and_running")
+    mod.sync.delay("acme")
+    with unique.raises_duplicate() as caught:
+        mod.sync.delay("acme")
+    assert "sync_acme" in caught[0].key
+    mod.sync.delay("globex")
+    assert len(unique.locks(kind="queueing")) == 2
+
+
+def test_beat(example: Any, unique: UniqueLocks, published: list[str],
+              caplog: pytest.LogCaptureFixture) -> None:
+    mod = example("beat")
+    assert "cleanup-every-minute" in mod.app.conf.beat_schedule
+    scheduler = Scheduler(mod.app, lazy=True)
+    entry = ScheduleEntry(name="cleanup-every-minute", task="proj.cleanup", schedule=60,
+                          app=mod.app)
+    with caplog.at_level(logging.INFO):
+        first = scheduler.apply_async(entry, advance=False)
+        second = scheduler.apply_async(entry, advance=False)  # not a scheduling error
+    assert second.id == first.id and len(published) == 1
+    assert "from beat" in caplog.text
+
+
+def test_django(published: list[str], caplog: pytest.LogCaptureFixture) -> None:
+    os.environ["DJANGO_SETTINGS_MODULE"] = "djproj.settings"
+    import django
+    from django.db import transaction
+
+    django.setup()
+    from celery_unique.settings import setting
+    from djproj import tasks
+    from djproj.celery import app
+
+    app.conf.broker_url = "memory://"  # the settings' Redis is never touched here
+    assert setting(app, "unique_queueing_lock_timeout") == 600  # CELERY_UNIQUE_*
+    with UniqueLocks(app) as unique:
+        with transaction.atomic():
+            tasks.request_export(7)
+            assert published == []  # not before the commit
+        assert len(published) == 1
+        [lock] = unique.locks()
+        assert lock.ttl is not None and 590 < lock.ttl <= 600
+        with caplog.at_level(logging.INFO), transaction.atomic():
+            tasks.request_export(7)
+        assert len(published) == 1 and "already queued" in caplog.text
+
+
+class _Local:
+    """``celery.Celery`` for a page's self-contained code: its Redis replaced, the broker
+    in memory and the locks in the test's own store."""
+
+    def __init__(self, unique: UniqueLocks) -> None:
+        from celery import Celery
+
+        from celery_unique.scripts import use_store
+
+        class Local(Celery):
+            def __init__(self, *args: Any, broker: Any = None, **kwargs: Any) -> None:
+                super().__init__(*args, broker="memory://", set_as_current=False, **kwargs)
+                use_store(self, unique.store)
+
+        self.cls = Local
+
+
+@pytest.mark.parametrize("name", ["quickstart_unique", "quickstart_lock"])
+def test_quickstart(name: str, unique: UniqueLocks, monkeypatch: Any, published: list[str],
+                    capsys: pytest.CaptureFixture[str]) -> None:
+    import runpy
+
+    import celery
+
+    monkeypatch.setattr(celery, "Celery", _Local(unique).cls)
+    runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name=f"docs_{name}")
+    if name == "quickstart_unique":
+        assert len(published) == 2
+        key, task_id, ttl = capsys.readouterr().out.split()
+        assert key.endswith(":report_alice@example.com}") and 3590 < float(ttl) <= 3600
+    else:
+        assert len(published) == 4  # queued in line; a worker would write "abcd"
+
+
+def test_options(example: Any, unique: UniqueLocks) -> None:
+    # Celery reads task_annotations once; other examples made the app read it already.
+    unique.app.__dict__.pop("annotations", None)
+    mod = example("options")
+    mod.examples()
+    values = sorted(lock.value for lock in unique.locks())
+    assert values == ["maintenance", "nightly", "sync-all"]
+    assert mod.sync._unique_defaults["queueing_lock_timeout"] == 600  # task_annotations
+
+
+def test_fencing(example: Any, unique: UniqueLocks, tmp_path: Path) -> None:
+    import sqlite3
+
+    mod = example("fencing")
+    mod.DB = str(tmp_path / "accounts.db")
+    with sqlite3.connect(mod.DB) as db:
+        db.execute("CREATE TABLE accounts (name TEXT PRIMARY KEY, data TEXT, fence INT)")
+    unique.eager()
+    assert mod.rebuild.delay("acme", "v1").get() == "written"
+    assert mod.rebuild.delay("acme", "v2").get() == "written"  # a later fence: allowed
+    with sqlite3.connect(mod.DB) as db:
+        db.execute("UPDATE accounts SET fence = fence + 1000000000000000")  # a later holder wrote
+    assert mod.rebuild.delay("acme", "v3").get() == "stale"
+    with sqlite3.connect(mod.DB) as db:
+        assert db.execute("SELECT data FROM accounts").fetchone() == ("v2",)
+
+
+def test_release_stuck(example: Any, unique: UniqueLocks) -> None:
+    mod = example("release_stuck")
+    base = "celery_unique:l:{printer}"
+    store = unique.store
+    store.lock("acquire", base, ["holder", 1, 60_000, "order", 60_000])
+    store.lock("acquire", base, ["next", 1, 60_000, "order", 60_000])  # waits in line
+    message = json.dumps({"headers": {"task": "proj.print", "id": "next"},
+                          "properties": {"delivery_tag": "next.cu"}})
+    store.lock("park", base, ["next", 1, 60_000, f"\x01printing\n{message}", base])
+    assert mod.release_abandoned_lines() == []  # held: left alone
+    unique.client.zrem(f"{base}:holders", "holder")  # the holder vanished
+    assert mod.release_abandoned_lines() == [base]
+    [lock] = unique.locks()  # the first in line was handed the lock and published
+    assert lock.holders == ("next",) and lock.waiting == 0
+    assert unique.client.llen("printing") == 1
+
+
+def test_connections() -> None:
+    from celery import Celery
+
+    from celery_unique.scripts import get_store
+
+    mod = __import__("connections")
+    tls = Celery("tls", set_as_current=False)
+    mod.use_tls(tls)
+    pool = get_store(tls).client.connection_pool  # built, not connected
+    assert pool.connection_class.__name__ == "SSLConnection"
+    assert pool.connection_kwargs["ssl_ca_certs"] == "/etc/ssl/redis-ca.pem"
+    sentinel = Celery("sentinel", set_as_current=False)
+    mod.use_sentinel(sentinel)
+    pool = get_store(sentinel).client.connection_pool
+    assert pool.service_name == "mymaster"
+    assert [s.connection_pool.connection_kwargs["host"]
+            for s in pool.sentinel_manager.sentinels] == ["s1", "s2"]
+    own = Celery("own", set_as_current=False)
+    mod.use_a_client_of_your_own(own)
+    assert get_store(own).client.connection_pool.connection_kwargs["host"] == "redis.internal"
+
+
+def test_migrate_once(example: Any, unique: UniqueLocks, published: list[str]) -> None:
+    mod = example("migrate_once")
+    first = mod.slow_task.delay(1)
+    assert mod.slow_task.delay(1, force=True).state == "REJECTED"  # graceful; keys=user_id
+    assert first.id and len(published) == 1
+    assert mod.send(9) == "queued"
+    assert mod.send(9).startswith("already queued: Expires in 3")
+
+
+def test_migrate_singleton(example: Any, unique: UniqueLocks) -> None:
+    mod = example("migrate_singleton")
+    task1 = mod.do_something.delay(username="bob", otherarg=99)
+    task2 = mod.do_something.delay(username="bob", otherarg=100)
+    assert task1 == task2
+    first = mod.start_import("alice")
+    assert mod.start_import("alice") == f"a duplicate of task {first}"
+    [ttl] = [lock.ttl for lock in unique.locks() if "do_something" in lock.key]
+    assert ttl is not None and 59 < ttl <= 60
+    mod.unlock_all()
+    assert unique.locks() == []
