@@ -170,7 +170,7 @@ def test_quickstart(name: str, unique: UniqueLocks, monkeypatch: Any, published:
     runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name=f"docs_{name}")
     if name == "quickstart_unique":
         assert len(published) == 2
-        key, task_id, ttl = capsys.readouterr().out.split()
+        key, _task_id, ttl = capsys.readouterr().out.split()
         assert key.endswith(":report_alice@example.com}") and 3590 < float(ttl) <= 3600
     else:
         assert len(published) == 4  # queued in line; a worker would write "abcd"
