@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 
-from .testing import RedisServer, wait_for
+from .testing import RedisServer, max_overlap, wait_for
 
 __all__ = ["main"]
 
@@ -267,7 +267,7 @@ def _limit(demo_app: ModuleType) -> None:
         return sum(store.llen(demo_app.key(f"spans:{r}")) for r in resources)
 
     _until(lambda: finished() == 199, "199 jobs", lambda: f"{finished()}/199 jobs ran")
-    peaks = {r: _max_overlap(s) for r, s in spans().items()}
+    peaks = {r: max_overlap(s) for r, s in spans().items()}
     _verdict(f"{finished()} of 199 jobs ran; the most at once per resource:"
              f" {max(peaks.values())} (limit 2; per resource"
              f" {', '.join(str(p) for p in peaks.values())})")
@@ -284,15 +284,6 @@ def _limit(demo_app: ModuleType) -> None:
              f" itself (the worker's main process released it when the process died) and"
              f" {len(after)} later jobs of that resource ran; nothing is left locked:"
              f" {_locks_left(store, demo_app.RUN)} lock keys")
-
-
-def _max_overlap(spans: list[tuple[float, float]]) -> int:
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    current = peak = 0
-    for _, delta in events:
-        current += delta
-        peak = max(peak, current)
-    return peak
 
 
 def _locks_left(store: redis.Redis, run: str) -> int:

@@ -32,7 +32,7 @@ from . import admin
 from .exceptions import AlreadyQueued, ConfigurationError
 from .scripts import Store, _stores, use_store
 
-__all__ = ["RedisServer", "UniqueLocks", "find_redis_server", "wait_for"]
+__all__ = ["RedisServer", "UniqueLocks", "find_redis_server", "max_overlap", "wait_for"]
 
 
 def find_redis_server() -> str:
@@ -82,6 +82,18 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02,
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def max_overlap(spans: Any) -> int:
+    """The most ``(start, end)`` intervals open at once: how many jobs sharing a lock ran
+    at the same time, from the times they recorded (an end and a start at one instant
+    do not overlap)."""
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    current = peak = 0
+    for _, delta in events:
+        current += delta
+        peak = max(peak, current)
+    return peak
 
 
 class RedisServer:

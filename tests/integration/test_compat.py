@@ -7,7 +7,6 @@ from __future__ import annotations
 import pickle
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,7 +23,6 @@ from celery_unique.compat import (
     Singleton,
     clear_locks,
 )
-from celery_unique.testing import RedisServer
 
 
 def make_app(**conf: Any) -> Celery:
@@ -34,12 +32,9 @@ def make_app(**conf: Any) -> Celery:
 
 
 @pytest.fixture
-def store_url(unique_redis_server: RedisServer) -> Iterator[str]:
-    url = f"{unique_redis_server.url}/3"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
+def store_url(unique_redis_url: str) -> str:
+    """The locks' database: the plugin's, flushed before and after each test."""
+    return unique_redis_url
 
 
 @pytest.fixture
