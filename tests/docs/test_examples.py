@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +117,11 @@ def test_beat(example: Any, unique: UniqueLocks, published: list[str],
     assert "from beat" in caplog.text
 
 
-def test_django(published: list[str], caplog: pytest.LogCaptureFixture) -> None:
-    os.environ["DJANGO_SETTINGS_MODULE"] = "djproj.settings"
+def test_django(published: list[str], caplog: pytest.LogCaptureFixture,
+                monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only for this test: Celery turns its Django fix-up on for every app (and every
+    # subprocess) while DJANGO_SETTINGS_MODULE is set.
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "djproj.settings")
     import django
     from django.db import transaction
 
