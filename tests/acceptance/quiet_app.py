@@ -24,12 +24,12 @@ app.conf.update(
 DONE = os.environ.get("CELERY_UNIQUE_QUIET_DONE", "")
 
 
-@app.task(name="quiet.plain")
+@app.task(name="quiet.plain", shared=False)
 def plain(key: str) -> None:
     _done(key)
 
 
-@app.task(base=UniqueTask, name="quiet.unique")
+@app.task(base=UniqueTask, name="quiet.unique", shared=False)
 def unique(key: str) -> None:
     _done(key)
 
