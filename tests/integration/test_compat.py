@@ -190,19 +190,19 @@ def test_once_a_retry_keeps_its_lock(store_url: str, db: redis.Redis) -> None:
 def test_once_backends_that_are_not_redis_are_refused(store_url: str) -> None:
     file_app = make_app(ONCE={"backend": "celery_once.backends.File",
                               "settings": {"location": "/tmp/once"}})
-    with pytest.raises(ConfigurationError, match="Redis only"):
-        @file_app.task(base=QueueOnce, shared=False)
-        def t() -> None: ...
 
-        t._get_app().finalize()
-        t.delay()
+    @file_app.task(base=QueueOnce, shared=False)
+    def t() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="Redis only"):  # when Celery creates it
+        file_app.finalize()
     other = make_app(ONCE={"backend": "mine.Memcached", "settings": {}})
 
     @other.task(base=QueueOnce, shared=False)
     def u() -> None: ...
 
     with pytest.raises(ConfigurationError, match="not supported"):
-        u.delay()
+        other.finalize()
     unix = once_app("redis+socket:///var/run/redis.sock?db=2")
 
     @unix.task(base=QueueOnce, shared=False)
