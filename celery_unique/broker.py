@@ -105,7 +105,8 @@ class Push:
             keys.extend(self.line[0])
             args[3] = str(self.line[1])
         with channel.conn_or_acquire() as client:
-            reply = self.store.run_on(client, self.store.push_script, keys, args)
+            # The channel is this thread's until the publish ends: it keeps the connection.
+            reply = self.store.run_on(client, self.store.push_script, keys, args, channel)
         if reply is not None:
             self._refused(reply)
         self.pushed = True

@@ -379,6 +379,92 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class ThreadConnections:
+    """Our pool's connections, each thread keeping the one it used for its next command.
+
+    Checking one out of redis-py's pool costs a health check (about 10 µs), a tenth of
+    an enqueue's whole cost. At most half the pool's bound is kept, so idle threads never
+    use the pool up; a thread that ends gives its connection back (its locals go with it).
+    """
+
+    def __init__(self, pool: Any, pool_args: tuple[str, ...]) -> None:
+        self.pool, self._pool_args = pool, pool_args
+        self.cap = int(getattr(pool, "max_connections", 0) or 0) // 2
+        self._lock = threading.RLock()  # re-entrant: a slot's __del__ may run inside
+        self._reset()
+
+    def _reset(self) -> None:
+        self.pid, self.kept, self._local = os.getpid(), 0, threading.local()
+
+    def take(self) -> Any:
+        """A connection for one command: the thread's own, else one of the pool's."""
+        slot = getattr(self._local, "slot", None)
+        if slot is not None and slot.conn is not None and self.pid == os.getpid():
+            conn, slot.conn = slot.conn, None
+            return conn
+        return self.pool.get_connection(*self._pool_args)
+
+    def give_back(self, conn: Any) -> None:
+        """Keep ``conn`` as the thread's own, or return it to the pool."""
+        if self.pid != os.getpid():
+            # Forked: the parent's kept sockets are never used, nor returned, here.
+            with self._lock:
+                self._reset()
+        slot = getattr(self._local, "slot", None)
+        if slot is None:
+            with self._lock:
+                if self.kept < self.cap:
+                    self.kept += 1
+                    slot = self._local.slot = _Slot(self)
+        if slot is None or slot.conn is not None:
+            self.pool.release(conn)  # over the cap, or a second command sent ahead
+        else:
+            slot.conn = conn
+
+    def _dropped(self, slot: _Slot) -> None:
+        with self._lock:
+            self.kept -= 1
+        if slot.conn is not None:
+            self.pool.release(slot.conn)
+
+
+class _Slot:
+    """A thread's kept connection; dropped with the thread's locals when it ends."""
+
+    __slots__ = ("conn", "owner", "pid")
+
+    def __init__(self, owner: ThreadConnections) -> None:
+        self.owner, self.conn, self.pid = owner, None, os.getpid()
+
+    def __del__(self) -> None:
+        if self.pid == os.getpid() and self.owner.pid == self.pid:
+            with contextlib.suppress(Exception):  # interpreter shutdown
+                self.owner._dropped(self)
+
+
+#: The attribute holding the connection an owner keeps (see :meth:`Store.run_on`).
+_KEPT_ON = "_celery_unique_conn"
+
+
+def _unkeep(owner: Any, pool: Any) -> Any:
+    """The connection of ``pool`` that ``owner`` kept, taken from it; or None."""
+    kept = vars(owner).pop(_KEPT_ON, None) if owner is not None else None
+    if kept is None or kept[2] != os.getpid():
+        return None  # nothing kept, or kept before a fork: the parent's socket
+    if kept[0] is not pool:  # the owner's pool was replaced (kombu reconnected)
+        kept[0].release(kept[1])
+        return None
+    return kept[1]
+
+
+def _keep(owner: Any, pool: Any, conn: Any) -> None:
+    """Keep ``conn`` on ``owner`` for its next call, or give it back to ``pool``."""
+    # setdefault, not a check then a set: two threads misusing one owner keep only one.
+    if owner is None or vars(owner).setdefault(_KEPT_ON, (pool, conn, os.getpid()))[1] \
+            is not conn:
+        pool.release(conn)
+
+
 class Pending:
     """A script whose command is sent now and whose reply is read later.
 
@@ -388,12 +474,15 @@ class Pending:
     this way is safe to repeat.
     """
 
-    __slots__ = ("_args", "_conn", "_keys", "_parse", "_reply", "_script", "_store")
+    __slots__ = ("_args", "_conn", "_conns", "_keys", "_parse", "_reply", "_script", "_store")
 
     def __init__(self, store: Store, script: Any, keys: list[str], args: list[Any],
-                 parse: Callable[[Any], Any], conn: Any = None) -> None:
+                 parse: Callable[[Any], Any]) -> None:
         self._store, self._script, self._keys, self._args = store, script, keys, args
-        self._parse, self._conn = parse, conn
+        self._parse = parse
+        #: The connection the command was sent on, and where it goes back (:meth:`send`).
+        self._conn: Any = None
+        self._conns: Any = None
         self._reply: Any = _UNREAD
 
     def result(self) -> Any:
@@ -405,15 +494,15 @@ class Pending:
             try:
                 reply = conn.read_response()
             except redis.ResponseError:  # NOSCRIPT: the server restarted or was flushed
-                self._store.give_back(conn)
+                self._conns.give_back(conn)
             except BaseException as exc:
                 # A broken connection must not be used again with a reply unread.
                 conn.disconnect()
-                self._store.give_back(conn)
+                self._conns.give_back(conn)
                 if not isinstance(exc, Exception):
                     raise
             else:
-                self._store.give_back(conn)
+                self._conns.give_back(conn)
                 self._reply = self._parse(reply)
                 return self._reply
         self._reply = self._parse(self._store.run(self._script, self._keys, self._args))
@@ -466,7 +555,6 @@ class Store:
         self.push_script = client.register_script(PUSH_WITH_LOCKS)
         self._peek = client.register_script(PEEK_QUEUEING_LOCK)
         self.read_locks = client.register_script(READ_LOCKS)
-        self._spare = threading.local()
         #: Keys recently found held (an ordered set): a hint of where to wait for the
         #: next reply on them, never a decision; a key is dropped when next taken.
         self.held_keys: dict[str, None] = {}
@@ -480,6 +568,9 @@ class Store:
             param = inspect.signature(self.pool.get_connection).parameters.get("command_name")
             if param is not None and param.default is inspect.Parameter.empty:
                 self._pool_args = ("EVALSHA",)
+        #: Sending ahead takes its connections here.
+        self.conns = (None if self.pool is None
+                      else ThreadConnections(self.pool, self._pool_args))
 
     @classmethod
     def from_url(cls, url: str, options: dict[str, Any] | None = None, *,
@@ -565,13 +656,13 @@ class Store:
     def send(self, script: Any, keys: list[str], args: list[Any],
              parse: Callable[[Any], Any]) -> Pending:
         """Send ``script`` now on a connection of its own; :meth:`Pending.result` reads."""
-        pool = self.pool
+        conns = self.conns
         pending = Pending(self, script, keys, args, parse)
-        if pool is None:
+        if conns is None:
             pending.result()
             return pending
         try:
-            conn = self._take(pool)
+            conn = conns.take()
         except _CONNECTION_ERRORS:
             pending.result()
             return pending
@@ -580,69 +671,44 @@ class Store:
         except Exception:
             # A stale connection (the server restarted): the client's own retry decides.
             conn.disconnect()
-            self.give_back(conn)
+            conns.give_back(conn)
             pending.result()
             return pending
-        pending._conn = conn
+        pending._conn, pending._conns = conn, conns
         return pending
 
-    def _take(self, pool: Any = None) -> Any:
-        """A connection of ``pool`` (ours by default) for one command: the thread's own.
-
-        Each thread keeps one connection per pool between enqueues: checking one out of
-        redis-py's pool costs a health check per call. Two commands sent ahead at once (a
-        queueing lock and a place in line) take the second from the pool.
-        """
-        pool = pool or self.pool
-        kept = self._spares().pop(id(pool), None)
-        if kept is not None and kept[0] is pool:
-            return kept[1]
-        return pool.get_connection(*self._pool_args)
-
-    def give_back(self, conn: Any, pool: Any = None) -> None:
-        """Keep ``conn`` as the thread's connection of ``pool``, or return it there."""
-        pool = pool or self.pool
-        spares = self._spares()
-        kept = spares.get(id(pool))
-        if kept is None or kept[0] is not pool:
-            spares[id(pool)] = (pool, conn)
-        else:
-            pool.release(conn)
-
-    def _spares(self) -> dict[int, tuple[Any, Any]]:
-        local = self._spare
-        if getattr(local, "pid", None) != os.getpid():
-            # First use in this thread, or made before a fork: the parent's sockets are
-            # never used here.
-            local.pid, local.conns = os.getpid(), {}
-        conns: dict[int, tuple[Any, Any]] = local.conns
-        return conns
-
-    def run_on(self, client: Any, script: Any, keys: list[str], args: list[Any]) -> Any:
+    def run_on(self, client: Any, script: Any, keys: list[str], args: list[Any],
+               owner: Any = None) -> Any:
         """Run ``script`` on another client's server (kombu's, for the broker hook).
 
         The command goes straight onto one of the client's pooled connections: a client
-        call costs more than the lock's own work. Anything but a clean reply goes through
-        the client's own call, with its retries (a script repeated is safe).
+        call costs more than the lock's own work. ``owner``, an object used by one thread
+        at a time (kombu's channel, lent by Celery's producer pool), keeps the connection
+        between calls: checking one out costs a health check. Never a thread: kombu's
+        channel lends 10 connections, to every thread that publishes on it. Anything but
+        a clean reply goes through the client's own call, with its retries (a script
+        repeated is safe).
         """
         pool = client.connection_pool
+        conn = _unkeep(owner, pool)
         try:
-            conn = self._take(pool)
+            if conn is None:
+                conn = pool.get_connection(*self._pool_args)
         except _CONNECTION_ERRORS:
             return script(keys=keys, args=args, client=client)
         try:
             conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
             reply = conn.read_response()
         except redis.ResponseError:  # NOSCRIPT: the server restarted or was flushed
-            self.give_back(conn, pool)
+            _keep(owner, pool, conn)
             return script(keys=keys, args=args, client=client)
         except BaseException as exc:
             conn.disconnect()  # a reply may be left unread: never used again as it is
-            self.give_back(conn, pool)
+            pool.release(conn)
             if isinstance(exc, _CONNECTION_ERRORS):  # a stale connection: the client retries
                 return script(keys=keys, args=args, client=client)
             raise
-        self.give_back(conn, pool)
+        _keep(owner, pool, conn)
         return reply
 
     def run(self, script: Any, keys: list[str], args: list[Any]) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,3 +189,37 @@ def test_a_client_factory(unique_redis_server: RedisServer) -> None:
     assert made == [app]
     assert redis.Redis.from_url(f"{unique_redis_server.url}/7").exists(
         f"celery_unique:q:{{{queued.name}:q_1}}")
+
+
+def test_threads_keep_at_most_half_a_bounded_pool(unique_redis_server: RedisServer) -> None:
+    """Each thread keeps the connection it used, but never more than half the pool's
+    bound in all, and gives it back when it ends: idle threads never use the pool up."""
+    from celery_unique.scripts import Store
+
+    store = Store.from_url(f"{unique_redis_server.url}/1", {"max_connections": 4})
+    conns, pool = store.conns, store.pool
+    assert conns is not None
+    used, done, one_at_a_time = threading.Barrier(11), threading.Event(), threading.Lock()
+
+    def enqueue_then_idle() -> None:
+        with one_at_a_time:  # ten at once would need ten connections of the four
+            store.send_acquire(f"celery_unique:q:{uuid.uuid4()}", "t", 1000).result()
+        used.wait(10)
+        done.wait(10)
+
+    threads = [threading.Thread(target=enqueue_then_idle) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    used.wait(10)
+    assert conns.kept == 2
+    lent = [pool.get_connection(*store._pool_args) for _ in range(2)]  # the other half
+    for conn in lent:
+        pool.release(conn)
+    done.set()
+    for thread in threads:
+        thread.join(10)
+    assert conns.kept == 0  # ended threads gave theirs back: the whole pool lends again
+    lent = [pool.get_connection(*store._pool_args) for _ in range(4)]
+    for conn in lent:
+        pool.release(conn)
+    store.client.close()

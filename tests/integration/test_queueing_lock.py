@@ -254,3 +254,41 @@ def test_an_unreachable_store_with_allow_publishes_without_the_lock(
     assert "published without its lock" in caplog.text and "secret" not in caplog.text
     with pytest.raises(LockStoreUnavailable):  # the default still refuses
         t.apply_async(on_store_error="raise")
+
+
+def test_threads_that_come_and_go_do_not_exhaust_a_pool(redis_app: Celery) -> None:
+    """Each thread's enqueue returns its connections: kombu's channel lends only 10.
+
+    A web server's threads come and go (one per request), and live ones outnumber the
+    channel's 10: a connection a thread kept for itself would soon be the channel's last.
+    """
+    redis_app.conf.broker_pool_limit = 1  # every thread publishes on one channel
+
+    @redis_app.task(base=UniqueTask, queueing_lock="{n}", shared=False)
+    def t(n: int) -> None: ...
+
+    store = client(redis_app)
+    connected = int(store.info("clients")["connected_clients"])
+    errors: list[BaseException] = []
+
+    def enqueue(n: int) -> None:
+        try:
+            t.delay(n)
+            with pytest.raises(AlreadyQueued):
+                t.delay(n)
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    for n in range(30):  # one after another, as request threads are
+        thread = threading.Thread(target=enqueue, args=(n,))
+        thread.start()
+        thread.join(30)
+    # Each ended thread's connections went back to their pools: none was left open.
+    assert int(store.info("clients")["connected_clients"]) - connected <= 3
+    live = [threading.Thread(target=enqueue, args=(n,)) for n in range(30, 50)]
+    for thread in live:  # twenty at once, more than the channel lends
+        thread.start()
+    for thread in live:
+        thread.join(30)
+    assert errors == []
+    assert broker(redis_app).llen(QUEUE(redis_app)) == 50
