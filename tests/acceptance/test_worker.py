@@ -98,7 +98,8 @@ def test_retry_holds_the_lock_while_waiting(tasks: Any, store: Any, coord: Any) 
         tasks.retry_once.delay(t)
     assert info.value.task_id == result.id
     assert result.get(timeout=20) == 1
-    assert not store.exists(k)
+    # Released at task_postrun, after the result is stored: wait for it.
+    wait_for(gone(store, k), timeout=5, what="the lock to be released")
 
 
 def test_retry_is_published_even_if_another_job_took_the_lock(
