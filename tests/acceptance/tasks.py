@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 from celery.exceptions import Ignore, Reject
 
 from celery_unique import UniqueTask
@@ -101,6 +101,17 @@ def retry_once(self: Any, token: str, countdown: float = 2.0) -> int:
     if self.request.retries == 0:
         raise self.retry(countdown=countdown)
     return int(self.request.retries)
+
+
+def _record_end(sender: Any = None, task_id: str = "", **_: Any) -> None:
+    """Counts the ends of a job (a retry ends it too). Connected after celery-unique's own
+    task_postrun handler, which runs first: at ``ended:<id>`` its release has been tried."""
+    coord.incr(f"ended:{task_id}")
+    coord.expire(f"ended:{task_id}", 600)
+
+
+for _task in (finished_job, retry_once):
+    signals.task_postrun.connect(_record_end, sender=_task, weak=False)
 
 
 @app.task(base=UniqueTask, queueing_lock="retry_{token}", queueing_lock_until="finished",

@@ -27,6 +27,13 @@ def gone(store: redis.Redis, k: str) -> Any:
     return lambda: not store.exists(k)
 
 
+def ended(coord: redis.Redis, task_id: str, times: int) -> None:
+    """Wait until the job has ended ``times`` times, its release tried each time (the
+    result is stored before task_postrun, where the release happens)."""
+    wait_for(lambda: int(coord.get(f"ended:{task_id}") or 0) >= times, timeout=10,
+             what=f"{task_id} to end {times} time(s)")
+
+
 def test_started_mode_releases_when_the_job_starts(tasks: Any, store: Any, coord: Any) -> None:
     t = token()
     k = key("hold", f"hold_{t}")
@@ -111,6 +118,7 @@ def test_retry_is_published_even_if_another_job_took_the_lock(
     wait_for(lambda: coord.llen(f"runs:{t}") == 1, timeout=20, what="the first run")
     store.set(k, "someone-else", px=60000)  # taken by another job meanwhile
     assert result.get(timeout=20) == 1  # the retry still ran
+    ended(coord, result.id, 2)  # the first run and the retry, both released
     assert store.get(k) == b"someone-else"  # and never deleted the other job's lock
 
 
@@ -152,9 +160,13 @@ def test_duplicate_chain_step_is_skipped_and_parent_succeeds(
     store.delete(key("step", "step"))
 
 
-def test_send_task_never_deletes_a_lock_it_does_not_hold(tasks: Any, store: Any) -> None:
+def test_send_task_never_deletes_a_lock_it_does_not_hold(
+    tasks: Any, store: Any, coord: Any
+) -> None:
     t = token()
     k = key("finished_job", f"job_{t}")
     store.set(k, "another-job", px=60000)
-    assert tasks.app.send_task("acceptance.finished_job", (t,)).get(timeout=20) == t
+    result = tasks.app.send_task("acceptance.finished_job", (t,))
+    assert result.get(timeout=20) == t
+    ended(coord, result.id, 1)
     assert store.get(k) == b"another-job"
