@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 class Worker:
     def __init__(self, server: RedisServer, concurrency: int = 2, name: str = "accept",
                  queues: str = "celery", app: str = "tests.acceptance.tasks",
-                 env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+                 env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+                 pool: str = "prefork") -> None:
         self.server = server
         #: Its node name, for control commands sent to it alone.
         self.hostname = f"{name}-{os.getpid()}@acceptance"
@@ -30,7 +31,7 @@ class Worker:
                **(env or {})}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", app, "worker",
-             "-P", "prefork", "-c", str(concurrency), "-l", "INFO", "--without-gossip",
+             "-P", pool, "-c", str(concurrency), "-l", "INFO", "--without-gossip",
              "--without-mingle", "--without-heartbeat", "-n", self.hostname,
              "-Q", queues, f"--logfile={self.log}", *args],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,

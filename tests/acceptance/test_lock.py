@@ -101,6 +101,36 @@ def test_no_overlap_over_300_jobs(tasks: Any, coord: Any, store: Any, limit: int
     wait_for(lambda: no_lock_keys(store, f"res-{run}"), timeout=10, what="no lock left")
 
 
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_no_overlap_and_in_order_on_other_pools(
+    tasks: Any, coord: Any, store: Any, unique_redis_server: RedisServer, pool: str
+) -> None:
+    """A worker of threads (4 jobs at once in one process) or solo: the same guarantees."""
+    queue = f"pool-{pool}-{run_id()}"
+    other = Worker(unique_redis_server, concurrency=4, name=f"pool-{pool}", queues=queue,
+                   pool=pool)
+    try:
+        other.wait_ready()
+        run = run_id()
+        for n in range(60):
+            tasks.interval.apply_async((run, f"res-{run}-{n % 3}", n), queue=queue)
+        wait_for(lambda: coord.llen(f"intervals:{run}") == 60, timeout=60, what="60 jobs")
+        wait_for(lambda: no_lock_keys(store, f"res-{run}"), timeout=10, what="no lock left")
+    finally:
+        other.stop()
+    rows = intervals(coord, run)
+    assert sorted(r[3] for r in rows) == list(range(60))  # each ran exactly once
+    for value in range(3):
+        mine = [r for r in rows if r[0] == f"res-{run}-{value}"]
+        assert max_overlap([(r[1], r[2]) for r in mine]) == 1
+        by_start = sorted(mine, key=lambda r: r[1])
+        assert [r[3] for r in by_start] == sorted(r[3] for r in mine)  # creation order
+        fences = [r[4] for r in by_start]
+        assert fences == sorted(fences) and len(set(fences)) == len(fences)
+    if pool == "threads":  # jobs of different locks did run at once
+        assert max_overlap([(r[1], r[2]) for r in rows]) > 1
+
+
 def test_long_job_keeps_its_lock_by_renewal(tasks: Any, coord: Any, store: Any) -> None:
     run = run_id()
     tasks.long_job.delay(run, 3.0, 0)  # 3x its 1 s lease
