@@ -28,7 +28,7 @@ import redis
 from celery import Celery
 
 from celery_unique import AlreadyQueued, UniqueTask, broker
-from celery_unique.scripts import get_store
+from celery_unique.store import get_store
 from celery_unique.testing import RedisServer
 
 

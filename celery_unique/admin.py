@@ -24,8 +24,9 @@ from kombu.serialization import loads
 from redis.cluster import RedisCluster
 
 from .lock import _publish_woken, waiting_key
-from .scripts import Store, get_store, lock_keys
+from .scripts import lock_keys
 from .settings import setting
+from .store import Store, get_store
 
 __all__ = ["LockDetail", "LockInfo", "Waiting", "clear", "get_lock", "iter_locks", "release"]
 

@@ -23,8 +23,8 @@ from typing import Any
 from celery import Celery
 from kombu.utils import json as kombu_json
 
-from .scripts import Store, acquire_reply
 from .settings import safe_url
+from .store import Store, acquire_reply
 
 __all__ = ["Captured", "Duplicate", "Push", "atomic", "pushing"]
 

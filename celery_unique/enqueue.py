@@ -27,8 +27,9 @@ from .broker import Duplicate, Push
 from .exceptions import LockStoreUnavailable
 from .keys import build_key
 from .lock import Lock, release_lock, store_unavailable
-from .scripts import Pending, line_keys, release_quietly
+from .scripts import line_keys
 from .settings import wait_seconds
+from .store import Pending, release_quietly
 
 __all__ = ["Enqueue"]
 

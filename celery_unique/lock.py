@@ -28,8 +28,8 @@ from kombu.serialization import dumps, loads
 from . import broker
 from . import signals as unique_signals
 from .exceptions import LockHeld, LockStoreUnavailable
-from .scripts import Store, get_store
 from .settings import safe_url, setting
+from .store import Store, get_store
 
 __all__ = ["Lock", "acquire_lock", "acquire_or_wait", "arrivals", "release_lock",
            "store_unavailable", "sweep"]

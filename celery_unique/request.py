@@ -14,7 +14,7 @@ from billiard.exceptions import Terminated, WorkerLostError
 from celery.worker.request import Request
 
 from .lock import Lock, arrivals, release_lock
-from .scripts import get_store, release_quietly
+from .store import get_store, release_quietly
 from .task import HEADER
 
 __all__ = ["UniqueRequest"]

@@ -14,8 +14,8 @@ from celery.canvas import Signature
 from celery.result import AsyncResult, EagerResult
 from celery.states import REJECTED, RETRY, REVOKED
 
-from . import scripts
 from . import signals as unique_signals
+from . import store as _store
 from .broker import HEADER, Duplicate
 from .enqueue import Enqueue
 from .exceptions import AlreadyQueued
@@ -29,7 +29,6 @@ from .keys import (
     task_signature,
 )
 from .lock import Lock, acquire_or_wait, eager_skipped, release_lock
-from .scripts import Store, get_store, release_quietly
 from .settings import (
     CALL_OPTIONS,
     ON_DUPLICATE,
@@ -43,6 +42,7 @@ from .settings import (
     setting,
     wait_seconds,
 )
+from .store import Store, get_store, release_quietly
 
 __all__ = ["HEADER", "UniqueTask"]
 
@@ -161,9 +161,9 @@ class UniqueTask(Task):  # type: ignore[misc]
 
     def _unique_store(self) -> Store:
         cached = type(self)._unique_store_obj
-        if cached is not None and cached[0] == scripts.generation:
+        if cached is not None and cached[0] == _store.generation:
             return cached[1]
-        generation = scripts.generation
+        generation = _store.generation
         store = get_store(self._get_app())
         type(self)._unique_store_obj = (generation, store)
         return store

@@ -30,7 +30,7 @@ from celery import Celery
 
 from . import admin
 from .exceptions import AlreadyQueued, ConfigurationError
-from .scripts import Store, _stores, use_store
+from .store import Store, _stores, use_store
 
 __all__ = ["RedisServer", "UniqueLocks", "find_redis_server", "max_overlap", "wait_for"]
 

@@ -6,7 +6,7 @@ import fakeredis
 import pytest
 from celery import Celery
 
-from celery_unique.scripts import Store, use_store
+from celery_unique.store import Store, use_store
 
 # The plugin is opt-in (installing the package loads nothing): the suite enables it.
 pytest_plugins = ["celery_unique.testing", "pytester"]
@@ -42,7 +42,7 @@ def redis_app(request: pytest.FixtureRequest, unique_redis_server) -> Iterator[C
     import redis
 
     from celery_unique import broker
-    from celery_unique.scripts import get_store
+    from celery_unique.store import get_store
 
     url = unique_redis_server.url
     store_db = 2 if request.param == "atomic" else 1

@@ -101,7 +101,7 @@ def tasks(worker: Worker) -> Any:
 def _use_store_db(db: int, server: RedisServer) -> None:
     """Point the test process's copy of the tasks' app at the worker's lock store."""
     from celery_unique import UniqueTask, broker
-    from celery_unique.scripts import get_store
+    from celery_unique.store import get_store
     from tests.acceptance import tasks
 
     tasks.app.conf.unique_redis_url = f"{server.url}/{db}"

@@ -151,7 +151,7 @@ class _Local:
     def __init__(self, unique: UniqueLocks) -> None:
         from celery import Celery
 
-        from celery_unique.scripts import use_store
+        from celery_unique.store import use_store
 
         class Local(Celery):
             def __init__(self, *args: Any, broker: Any = None, **kwargs: Any) -> None:
@@ -225,7 +225,7 @@ def test_release_stuck(example: Any, unique: UniqueLocks) -> None:
 def test_connections() -> None:
     from celery import Celery
 
-    from celery_unique.scripts import get_store
+    from celery_unique.store import get_store
 
     mod = __import__("connections")
     tls = Celery("tls", set_as_current=False)

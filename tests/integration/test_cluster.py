@@ -14,7 +14,8 @@ from celery import Celery
 from redis.exceptions import RedisClusterException
 
 from celery_unique import AlreadyQueued, UniqueTask
-from celery_unique.scripts import get_store, lock_keys
+from celery_unique.scripts import lock_keys
+from celery_unique.store import get_store
 from celery_unique.testing import RedisServer, wait_for
 
 

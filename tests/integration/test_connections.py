@@ -194,7 +194,7 @@ def test_a_client_factory(unique_redis_server: RedisServer) -> None:
 def test_threads_keep_at_most_half_a_bounded_pool(unique_redis_server: RedisServer) -> None:
     """Each thread keeps the connection it used, but never more than half the pool's
     bound in all, and gives it back when it ends: idle threads never use the pool up."""
-    from celery_unique.scripts import Store
+    from celery_unique.store import Store
 
     store = Store.from_url(f"{unique_redis_server.url}/1", {"max_connections": 4})
     conns, pool = store.conns, store.pool

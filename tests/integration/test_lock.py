@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from celery_unique.scripts import Store
+from celery_unique.store import Store
 from celery_unique.testing import RedisServer, wait_for
 
 LEASE = 60_000

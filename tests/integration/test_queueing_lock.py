@@ -12,7 +12,7 @@ from celery import Celery
 from celery.beat import ScheduleEntry, Scheduler
 
 from celery_unique import AlreadyQueued, LockStoreUnavailable, UniqueTask
-from celery_unique.scripts import get_store
+from celery_unique.store import get_store
 from celery_unique.testing import RedisServer
 
 

@@ -397,7 +397,7 @@ class TestEager:
 
 def test_django_namespace_settings(fake_redis: Any) -> None:
     """Settings come from Celery's configuration, so CELERY_UNIQUE_* works under Django."""
-    from celery_unique.scripts import Store, use_store
+    from celery_unique.store import Store, use_store
 
     app = Celery("django", broker="memory://", set_as_current=False)
     app.config_from_object({"CELERY_UNIQUE_KEY_PREFIX": "dj",
