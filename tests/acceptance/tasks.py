@@ -161,6 +161,13 @@ def interval(self: Any, run: str, resource: str, n: int) -> None:
         [resource, start, time.time(), n, self.request.lock_fence]))
 
 
+@app.task(name="acceptance.spawn")
+def spawn(run: str, n: int, queue: str) -> None:
+    """Enqueues a locked job from inside a job, as web code enqueues from its threads: each
+    thread or greenlet of a worker publishes on the worker's own channels."""
+    interval.apply_async((run, f"spawned-{run}-{n % 3}", n), queue=queue)
+
+
 @app.task(base=UniqueTask, lock="long_{run}", lock_timeout=1, name="acceptance.long_job",
           queue="locks", bind=True)
 def long_job(self: Any, run: str, seconds: float, n: int) -> None:
