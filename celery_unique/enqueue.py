@@ -64,31 +64,36 @@ class Enqueue:
                 # Sent first, so that the rest of the planning and Celery's own work
                 # overlap its round trip (see _atomic).
                 self.peek = store.send_peek(self.key, self.task_id)
-        eager = bool(app.conf.task_always_eager)
-        if eager:
-            self.path = "now"
-            if self.peek is not None:
+        try:
+            eager = bool(app.conf.task_always_eager)
+            if eager:
+                self.path = "now"
+                if self.peek is not None:
+                    self.peek.settle()
+                    self.peek = None
+            wait = wait_seconds(options.get("countdown"), options.get("eta"))
+            self.on_duplicate: str = values["on_duplicate"]
+            self.on_store_error: str = values["on_store_error"]
+            self.header: dict[str, Any] = {}
+            self.lock: Lock | None = None
+            self.line = False
+            if lock_spec is not None:
+                self.lock = task._unique_make_lock(lock_spec, args, kwargs, per_call)
+                self.header = self.lock.header()
+                # "order": the job's place in line is its creation order, taken now. A job
+                # with a countdown or eta takes its place when it reaches a worker.
+                self.line = self.lock.mode == "order" and not wait and not eager
+            self.ttl_ms = 0
+            if queueing is not None:
+                lease_ms = int(values["queueing_lock_timeout"] * 1000)
+                self.ttl_ms = lease_ms + int(1000 * wait) if wait else lease_ms
+                self.header.update(q=self.key, t=lease_ms, until=values["queueing_lock_until"])
+            if self.on_store_error != task._unique_defaults["on_store_error"]:
+                self.header["e"] = self.on_store_error  # the worker's policy, set per call
+        except BaseException:
+            if self.peek is not None:  # bad input found after the peek was sent
                 self.peek.settle()
-                self.peek = None
-        wait = wait_seconds(options.get("countdown"), options.get("eta"))
-        self.on_duplicate: str = values["on_duplicate"]
-        self.on_store_error: str = values["on_store_error"]
-        self.header: dict[str, Any] = {}
-        self.lock: Lock | None = None
-        self.line = False
-        if lock_spec is not None:
-            self.lock = task._unique_make_lock(lock_spec, args, kwargs, per_call)
-            self.header = self.lock.header()
-            # "order": the job's place in line is its creation order, taken now. A job
-            # with a countdown or eta takes its place when it reaches a worker.
-            self.line = self.lock.mode == "order" and not wait and not eager
-        self.ttl_ms = 0
-        if queueing is not None:
-            lease_ms = int(values["queueing_lock_timeout"] * 1000)
-            self.ttl_ms = lease_ms + int(1000 * wait) if wait else lease_ms
-            self.header.update(q=self.key, t=lease_ms, until=values["queueing_lock_until"])
-        if self.on_store_error != task._unique_defaults["on_store_error"]:
-            self.header["e"] = self.on_store_error  # the worker's policy, set per call
+            raise
 
     def run(self, publish: Publish, producer: Any, options: dict[str, Any]) -> AsyncResult:
         """Publish with the locks; raises :class:`~celery_unique.broker.Duplicate`."""

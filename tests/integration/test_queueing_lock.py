@@ -292,3 +292,24 @@ def test_threads_that_come_and_go_do_not_exhaust_a_pool(redis_app: Celery) -> No
         thread.join(30)
     assert errors == []
     assert broker(redis_app).llen(QUEUE(redis_app)) == 50
+
+
+def test_bad_input_after_a_peek_gives_its_connection_back(redis_app: Celery) -> None:
+    """A duplicate's key is peeked at before the rest is checked: an error found after
+    (here the lock's template) still reads the peek, and gives its connection back."""
+    redis_app.conf.unique_redis_options = {"max_connections": 4}
+
+    @redis_app.task(base=UniqueTask, queueing_lock="k", lock=lambda n: str(10 // n),
+                    shared=False)
+    def t(n: int) -> None: ...
+
+    first = t.delay(1)
+    with pytest.raises(AlreadyQueued):
+        t.delay(1)  # the key is now known held: the next calls peek at it first
+    for _ in range(10):
+        with pytest.raises(Exception, match="ZeroDivisionError"):
+            t.delay(0)  # the lock's key cannot be built
+    with pytest.raises(AlreadyQueued) as info:  # the pool still lends
+        t.delay(1)
+    assert info.value.task_id == first.id
+    assert broker(redis_app).llen(QUEUE(redis_app)) == 1
