@@ -114,7 +114,8 @@ _KEPT_ON = "_celery_unique_conn"
 
 def _unkeep(owner: Any, pool: Any) -> Any:
     """The connection of ``pool`` that ``owner`` kept, taken from it; or None."""
-    kept = vars(owner).pop(_KEPT_ON, None) if owner is not None else None
+    # An owner without a __dict__ (a kombu channel with __slots__ one day) keeps nothing.
+    kept = getattr(owner, "__dict__", {}).pop(_KEPT_ON, None)
     if kept is None or kept[2] != os.getpid():
         return None  # nothing kept, or kept before a fork: the parent's socket
     if kept[0] is not pool:  # the owner's pool was replaced (kombu reconnected)
@@ -126,8 +127,8 @@ def _unkeep(owner: Any, pool: Any) -> Any:
 def _keep(owner: Any, pool: Any, conn: Any) -> None:
     """Keep ``conn`` on ``owner`` for its next call, or give it back to ``pool``."""
     # setdefault, not a check then a set: two threads misusing one owner keep only one.
-    if owner is None or vars(owner).setdefault(_KEPT_ON, (pool, conn, os.getpid()))[1] \
-            is not conn:
+    attrs = getattr(owner, "__dict__", None)
+    if attrs is None or attrs.setdefault(_KEPT_ON, (pool, conn, os.getpid()))[1] is not conn:
         pool.release(conn)
 
 

@@ -223,3 +223,33 @@ def test_threads_keep_at_most_half_a_bounded_pool(unique_redis_server: RedisServ
     for conn in lent:
         pool.release(conn)
     store.client.close()
+
+
+def test_a_connection_kept_with_its_owner_is_the_only_one(
+    unique_redis_server: RedisServer,
+) -> None:
+    """The broker hook's connection is kept with kombu's channel (its owner), one per
+    owner; an owner that cannot hold it (no ``__dict__``) gives it back each time."""
+    from celery_unique.store import Store
+
+    url = f"{unique_redis_server.url}/1"
+    store = Store.from_url(url)
+
+    class Channel: ...
+
+    class Slotted:
+        __slots__ = ()
+
+    for owner, free in ((Channel(), 1), (Slotted(), 2)):
+        kombu_like = redis.Redis.from_url(url, max_connections=2)  # a channel's pool
+        pool = kombu_like.connection_pool
+        for _ in range(5):
+            assert store.run_on(kombu_like, store.acquire_queueing,
+                                ["celery_unique:q:owner"], ["t", 1000], owner) is None
+        lent = [pool.get_connection(*store._pool_args) for _ in range(free)]
+        with pytest.raises(redis.ConnectionError, match="Too many connections"):
+            pool.get_connection(*store._pool_args)
+        for conn in lent:
+            pool.release(conn)
+        kombu_like.close()
+    store.client.close()
