@@ -72,13 +72,14 @@ class Lock:
 
 # -- taking the lock ---------------------------------------------------------------------
 
-def acquire_lock(task: Task, lock: Lock, queueing_key: str | None, queue: str | None
-                 ) -> None:
+def acquire_lock(task: Task, lock: Lock, queueing_key: str | None, queue: str | None,
+                 again: bool = False) -> None:
     """Take ``lock`` for the running job, or raise Ignore when it must not run now.
 
-    ``queue``: the job's own queue (see :meth:`Store.lock`). Before raising, the job is
-    parked, re-queued or skipped, and marked so that the end of this run releases nothing
-    it does not hold.
+    ``queue``: the job's own queue (see :meth:`Store.lock`); ``again``: this process asks
+    again after losing the reply to its own ask. Before raising, the job is parked,
+    re-queued or skipped, and marked so that the end of this run releases nothing it does
+    not hold.
     """
     request = task.request
     store = _store(task)
@@ -86,12 +87,20 @@ def acquire_lock(task: Task, lock: Lock, queueing_key: str | None, queue: str | 
     delay = _EAGER_POLL[0]
     while True:
         reply = store.lock("acquire", lock.base, [token, lock.limit, lock.lease_ms, lock.mode,
-                                                  lock.wait_ms], queueing_key, queue)
+                                                  lock.wait_ms, "1" if again else "0"],
+                           queueing_key, queue)
         if reply[0] == 1:
             _held(task, store, lock, int(reply[1]))
             return
         holder = _text(reply[1])
         _publish_woken(task.app, reply[3:], store)
+        if reply[0] == 2 and not request.is_eager:
+            # Another copy of this job holds the lock: this one runs after it, if at all
+            # (it runs again then: at least once), never beside it.
+            request._unique_parked = True
+            _waiting(task, lock, holder, "retry")
+            _requeue(task, lock, counter="d")
+            raise Ignore()
         if request.is_eager and lock.mode != "skip":
             # The caller is the worker: it waits for its turn (its place in line is kept
             # while it keeps asking).
@@ -184,9 +193,10 @@ def acquire_or_wait(task: Task, lock: Lock, queueing_key: str | None, queue: str
     broker), it waits here and asks again.
     """
     delay = _STORE_BACKOFF[0]
+    again = False
     while True:
         try:
-            acquire_lock(task, lock, queueing_key, queue)
+            acquire_lock(task, lock, queueing_key, queue, again)
             return True
         except LockStoreUnavailable as exc:
             if task.request.is_eager:
@@ -203,6 +213,7 @@ def acquire_or_wait(task: Task, lock: Lock, queueing_key: str | None, queue: str
                                delay)
                 time.sleep(delay)  # nowhere to publish it to: the job waits here
                 delay = min(delay * 2, _STORE_BACKOFF[1])
+                again = True  # the lock it finds held under its id may be its own
                 continue
             logger.warning("celery-unique: %s[%s]: the lock store is unreachable (%s);"
                            " published again to run in %.1f s", task.name, task.request.id,

@@ -245,10 +245,12 @@ end
 LOCK_SCRIPTS = {
     # KEYS[7] (optional): the job's queueing lock, released when the lock is taken.
     # ARGV: token, limit, lease ms, on_locked ("order", "retry" or "skip"), wait ms
-    # (unused: a job that asked keeps its place a lease ahead while it asks).
-    # Returns {1, fence, woken...} when taken (or already handed to this job), else
-    # {0, a holder's token, place in line or -1, woken...}; woken: {token, message} pairs
-    # of parked jobs handed the lock, for the caller to publish again.
+    # (unused: a job that asked keeps its place a lease ahead while it asks), and '1' when
+    # this process asks again after losing the reply to its own ask.
+    # Returns {1, fence, woken...} when taken (or already handed to this job); {2, token,
+    # -1} when another copy of this job holds it (see below); else {0, a holder's token,
+    # place in line or -1, woken...}; woken: {token, message} pairs of parked jobs handed
+    # the lock, for the caller to publish again.
     "acquire": """
 local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 expire()
@@ -260,7 +262,13 @@ local function grant()
   if KEYS[7] and redis.call('GET', KEYS[7]) == token then redis.call('DEL', KEYS[7]) end
   return {1, next_seq()}
 end
-if redis.call('ZSCORE', KH, token) then return grant() end
+if redis.call('ZSCORE', KH, token) then
+  -- Its own when it was handed the lock (its parked message is still here) or when this
+  -- process took it before losing the reply. Else a copy of the job holds it (the broker
+  -- gave a message back, a job was published again during an outage): never beside it.
+  if ARGV[6] == '1' or redis.call('HEXISTS', KP, token) == 1 then return grant() end
+  return {2, token, -1}
+end
 local free = limit - redis.call('ZCARD', KH)
 if ARGV[4] ~= 'order' then
   if free > 0 then return grant() end

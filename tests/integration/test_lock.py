@@ -30,9 +30,11 @@ class Lock:
         self.store, self.limit, self.lease = store, limit, lease
         self.base = f"celery_unique:l:{{test-{uuid.uuid4().hex[:8]}}}"
 
-    def acquire(self, token: str, mode: str = "order", wait: int = 3_600_000) -> list[Any]:
+    def acquire(self, token: str, mode: str = "order", wait: int = 3_600_000,
+                again: bool = False) -> list[Any]:
         reply = self.store.lock("acquire", self.base,
-                                [token, self.limit, self.lease, mode, wait])
+                                [token, self.limit, self.lease, mode, wait,
+                                 "1" if again else "0"])
         return [text(x) for x in reply]
 
     def park(self, token: str, message: str) -> list[Any]:
@@ -242,3 +244,21 @@ def test_a_place_on_its_way_gets_one_lease_once_a_later_job_arrived(
     start = time.monotonic()
     wait_for(lambda: lock.acquire("b")[0] == 1, timeout=3, what="lost's place to go")
     assert time.monotonic() - start >= 0.3
+
+
+def test_a_copy_of_a_running_job_never_runs_beside_it(unique_redis_server: RedisServer) -> None:
+    """A job id already holding the lock: its own when it was handed the lock (parked) or
+    when the same process asks again after a lost reply; any other copy is told so."""
+    lock = Lock(make_store(unique_redis_server))
+    assert lock.acquire("a")[0] == 1
+    for mode in ("order", "retry", "skip"):
+        assert lock.acquire("a", mode) == [2, "a", -1]  # a copy: the broker gave it back
+    assert lock.acquire("a", again=True)[0] == 1  # its own ask, whose reply was lost
+    assert lock.acquire("b")[0] == 0
+    assert lock.park("b", "message-b")[0] == 0
+    woken = lock.release("a")
+    assert woken == [1, "b", "message-b"]  # handed to b, its message still parked
+    assert lock.acquire("b")[0] == 1  # the handed job takes what it was handed
+    assert lock.acquire("b") == [2, "b", -1]  # and a later copy of it does not
+    assert lock.release("b")[0] == 1
+    assert lock.keys() == []
