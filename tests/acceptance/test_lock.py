@@ -444,3 +444,25 @@ def test_a_releasing_process_killed_after_its_script_still_hands_over(
 def test_a_worker_in_order_mode_warns_of_a_volatile_store_once(lock_worker: Worker) -> None:
     """The tests' server keeps nothing across a restart: the worker says so, once."""
     assert lock_worker.logs().count("keeps no data across a restart") == 1
+
+
+def test_a_copy_of_a_running_job_runs_after_it_never_beside_it(
+    tasks: Any, coord: Any, store: Any, worker: Worker
+) -> None:
+    """The same job published again under its id while it runs (as the broker gives a
+    message back, or as a job is published again during an outage): the copy is sent
+    back to wait until the job ends, then runs."""
+    run = run_id()
+    first = tasks.prefetched.delay(run, 0)  # holds its lock until told to go
+    wait_for(lambda: coord.llen(f"starts:{run}") == 1, timeout=20, what="the job to start")
+    tasks.prefetched.apply_async((run, 0), task_id=first.id)
+    received = f"acceptance.prefetched[{first.id}] received"
+    # The job, its copy, and the copy again: it asked, and was published again to wait.
+    wait_for(lambda: worker.logs().count(received) >= 3, timeout=20,
+             what="the copy to be sent back to wait")
+    assert coord.llen(f"starts:{run}") == 1
+    coord.set(f"go:{run}", 1)
+    wait_for(lambda: coord.llen(f"intervals:{run}") == 2, timeout=30, what="both runs")
+    spans = sorted((r[1], r[2]) for r in intervals(coord, run))
+    assert spans[0][1] <= spans[1][0], "the copy ran beside the job"
+    wait_for(lambda: no_lock_keys(store, f"pf_{run}"), timeout=10, what="no lock left")
