@@ -31,7 +31,7 @@ from .store import Store, get_store
 __all__ = ["LockDetail", "LockInfo", "Waiting", "clear", "get_lock", "iter_locks", "release"]
 
 KINDS = ("queueing", "lock")
-_SUFFIXES = (":holders", ":line", ":parked", ":seq", ":arrival")
+_SUFFIXES = (":holders", ":line", ":parked", ":seq", ":arrival", ":ran")
 _PAGE = 1000
 
 
@@ -198,7 +198,7 @@ def _infos(app: Celery, store: Store, entries: list[tuple[str, str]]) -> list[Lo
 def _read_keys(letter: str, key: str) -> list[str]:
     if letter == "q":
         return [key]
-    holders, line, _, seq, _ = lock_keys(key)
+    holders, line, _, seq, *_ = lock_keys(key)
     return [holders, line, seq]
 
 
@@ -252,7 +252,7 @@ def get_lock(app: Celery, key_or_value: str) -> LockDetail | None:
 def _line(store: Store, info: LockInfo) -> Iterator[Waiting]:
     if info.kind != "lock":
         return
-    _, line, parked, _, _ = lock_keys(info.key)
+    _, line, parked, *_ = lock_keys(info.key)
     for place, token in enumerate(store.client.zrange(line, 0, -1)):
         message = store.client.hget(parked, token)
         yield Waiting(_text(token), place, message is not None,

@@ -288,4 +288,4 @@ def _limit(demo_app: ModuleType) -> None:
 
 def _locks_left(store: redis.Redis, run: str) -> int:
     return sum(1 for k in store.scan_iter(match=f"celery_unique:*{run}*")
-               if not k.endswith(b":seq"))
+               if not k.endswith((b":seq", b":ran")))

@@ -87,13 +87,21 @@ def acquire_lock(task: Task, lock: Lock, queueing_key: str | None, queue: str | 
     delay = _EAGER_POLL[0]
     while True:
         reply = store.lock("acquire", lock.base, [token, lock.limit, lock.lease_ms, lock.mode,
-                                                  lock.wait_ms, "1" if again else "0"],
+                                                  lock.wait_ms, "1" if again else "0",
+                                                  "" if request.is_eager else run_id(request)],
                            queueing_key, queue)
         if reply[0] == 1:
             _held(task, store, lock, int(reply[1]))
             return
         holder = _text(reply[1])
         _publish_woken(task.app, reply[3:], store)
+        if reply[0] == 3:
+            # This very run of the job ended already: a late copy of it (published again
+            # during an outage, or a parked copy woken meanwhile). Dropped, not run again.
+            request._unique_parked = True
+            logger.info("celery-unique: %s[%s] ran already: this copy is dropped",
+                        task.name, token)
+            raise Ignore()
         if reply[0] == 2 and not request.is_eager:
             # Another copy of this job holds the lock: this one runs after it, if at all
             # (it runs again then: at least once), never beside it.
@@ -305,19 +313,22 @@ def waiting_key(app: Celery) -> str:
 
 # -- releasing ---------------------------------------------------------------------------
 
-def release_lock(task: Task, token: str, lock: Lock, state: str, queue: str | None = None
-                 ) -> None:
+def release_lock(task: Task, token: str, lock: Lock, state: str, queue: str | None = None,
+                 ran: str = "") -> None:
     """Release the job's lock (or its place in line) and publish the jobs it wakes.
 
     ``queue``: the job's own queue; a woken job parked from it is pushed by the release
-    script itself, so a releasing process that dies cannot lose it.
+    script itself, so a releasing process that dies cannot lose it. ``ran``: the run that
+    ended (:func:`run_id`), remembered for a while so that a late copy is dropped.
     """
     app = task.app
     _renewer.remove(token)
     store = _store(task)
+    args: list[Any] = [token, lock.limit, lock.lease_ms]
+    if ran:
+        args += [ran, ran_window_ms(lock)]
     try:
-        reply = store.lock("release", lock.base, [token, lock.limit, lock.lease_ms],
-                           queue=queue)
+        reply = store.lock("release", lock.base, args, queue=queue)
     except Exception:
         logger.exception("celery-unique: could not release %s for %s", lock.base, token)
         return
@@ -325,6 +336,18 @@ def release_lock(task: Task, token: str, lock: Lock, state: str, queue: str | No
     if reply[0]:
         unique_signals.lock_released.send(sender=task, key=lock.base, task_id=token,
                                           state=state)
+
+
+def run_id(request: Any) -> str:
+    """One run of a job: its task id and retries (a retry is another run)."""
+    return f"{request.id}:{int(request.retries or 0)}"
+
+
+def ran_window_ms(lock: Lock) -> int:
+    """How long a run that ended is remembered: late copies come from a publish again
+    during an outage (a backoff of up to 30 s once the store answers) or from a wait
+    behind the running copy; a minute, or two leases when longer."""
+    return max(60_000, 2 * lock.lease_ms)
 
 
 # -- sweeping ----------------------------------------------------------------------------

@@ -117,7 +117,7 @@ return table.concat(out, string.char(10))
 
 # -- the execution lock ------------------------------------------------------------------
 #
-# One lock is five keys sharing one hash tag (``lock_keys``):
+# One lock is six keys sharing one hash tag (``lock_keys``):
 #   holders  ZSET token -> lease deadline (ms, server time): the jobs running under it
 #   line     ZSET token -> ticket: jobs waiting, in creation order
 #   parked   HASH token -> message: jobs waiting without a worker slot, to publish again
@@ -126,6 +126,10 @@ return table.concat(out, string.char(10))
 #   arrival  ZSET token -> deadline: line entries whose job is not parked: on its way to a
 #            worker (deadline: its queueing_lock_timeout) or received by one, which
 #            renews it a lease ahead while it holds the message (``"arrive"``)
+#   ran      ZSET "token:retries" -> until (ms): runs that ended on a worker, kept for a
+#            while (the worker says how long) so that a late copy of one of them (a job
+#            published again during an outage, a parked copy woken meanwhile) is dropped
+#            instead of running again; it expires with its last entry
 # Times are the server's (TIME), so workers' clocks never matter.
 #
 # The liveness bound: an entry whose worker died is not renewed and is given up within a
@@ -134,13 +138,14 @@ return table.concat(out, string.char(10))
 #
 # A parked message is either a Celery signature to publish again ("content type\n
 # encoding\ndata") or, on the atomic path, kombu's own message ("\x01queue\nmessage"),
-# which a wake pushes onto its queue inside the script when that queue is KEYS[6]: the
+# which a wake pushes onto its queue inside the script when that queue is KEYS[7]: the
 # calling job's own queue, where jobs of one lock usually come from.
 
-#: Shared by the execution lock's scripts. KEYS[1..5]: the lock's keys (above); KEYS[6]
+#: Shared by the execution lock's scripts. KEYS[1..6]: the lock's keys (above); KEYS[7]
 #: (single server only, maybe ''): the calling job's queue.
 LOCK_PRELUDE = """
-local KH, KW, KP, KS, KE, KQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local KH, KW, KP, KS, KE, KR = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local KQ = KEYS[7]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
@@ -243,12 +248,14 @@ end
 
 #: The execution lock's scripts, each run after :data:`LOCK_PRELUDE`.
 LOCK_SCRIPTS = {
-    # KEYS[7] (optional): the job's queueing lock, released when the lock is taken.
+    # KEYS[8] (optional): the job's queueing lock, released when the lock is taken.
     # ARGV: token, limit, lease ms, on_locked ("order", "retry" or "skip"), wait ms
-    # (unused: a job that asked keeps its place a lease ahead while it asks), and '1' when
-    # this process asks again after losing the reply to its own ask.
+    # (unused: a job that asked keeps its place a lease ahead while it asks), '1' when
+    # this process asks again after losing the reply to its own ask, and the run's
+    # "token:retries" ('' in eager mode).
     # Returns {1, fence, woken...} when taken (or already handed to this job); {2, token,
-    # -1} when another copy of this job holds it (see below); else {0, a holder's token,
+    # -1} when another copy of this job holds it (see below); {3, token, -1} when this run
+    # of the job has ended already (a late copy: it is dropped); else {0, a holder's token,
     # place in line or -1, woken...}; woken: {token, message} pairs of parked jobs handed
     # the lock, for the caller to publish again.
     "acquire": """
@@ -259,8 +266,12 @@ local function grant()
   redis.call('ZREM', KE, token)
   redis.call('HDEL', KP, token)
   redis.call('ZADD', KH, now + lease, token)
-  if KEYS[7] and redis.call('GET', KEYS[7]) == token then redis.call('DEL', KEYS[7]) end
+  if KEYS[8] and redis.call('GET', KEYS[8]) == token then redis.call('DEL', KEYS[8]) end
   return {1, next_seq()}
+end
+if ARGV[7] and ARGV[7] ~= '' then
+  local until_ms = redis.call('ZSCORE', KR, ARGV[7])
+  if until_ms and tonumber(until_ms) > now then return {3, token, -1} end
 end
 if redis.call('ZSCORE', KH, token) then
   -- Its own when it was handed the lock (its parked message is still here) or when this
@@ -288,7 +299,7 @@ arrived({token}, lease)
 return wake(limit, lease, {0, holder(), redis.call('ZRANK', KW, token)})
 """,
     # A waiting job leaves its message and its worker slot. ARGV: token, limit, lease ms,
-    # message, the lock's base. KEYS[7] (single server): the sweepers' registry. Returns
+    # message, the lock's base. KEYS[8] (single server): the sweepers' registry. Returns
     # {0, a holder's token, place in line, woken...}; a place freed since the job asked is
     # handed to the front of the line, this job included, at once.
     "park": """
@@ -299,15 +310,17 @@ if not redis.call('ZSCORE', KW, token) then
 end
 redis.call('ZREM', KE, token)
 redis.call('HSET', KP, token, ARGV[4])
-if KEYS[7] then
+if KEYS[8] then
   -- Registered for the sweepers in the same script: a parked job is never left where
   -- no sweep looks, whatever fails after this.
-  redis.call('ZADD', KEYS[7], now + lease, ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[5])
+  redis.call('ZADD', KEYS[8], now + lease, ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[5])
 end
 return wake(limit, lease, {0, holder(), redis.call('ZRANK', KW, token) or -1})
 """,
     # A job ends, or leaves the line (revoked, expired, its publish failed).
-    # ARGV: token, limit, lease ms. Returns {1 if it held the lock else 0, woken...}.
+    # ARGV: token, limit, lease ms; for a run that ended on a worker, its "token:retries"
+    # and how long (ms) to remember it ran. Returns {1 if it held the lock else 0,
+    # woken...}.
     "release": """
 local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 expire()
@@ -315,6 +328,12 @@ local held = redis.call('ZREM', KH, token)
 redis.call('ZREM', KW, token)
 redis.call('ZREM', KE, token)
 redis.call('HDEL', KP, token)
+if ARGV[4] and ARGV[4] ~= '' then
+  local keep = tonumber(ARGV[5])
+  redis.call('ZREMRANGEBYSCORE', KR, '-inf', now)
+  redis.call('ZADD', KR, now + keep, ARGV[4])
+  if redis.call('PTTL', KR) < keep then redis.call('PEXPIRE', KR, keep) end
+end
 return wake(limit, lease, {held})
 """,
     # From the worker holding received messages not yet started: ARGV: lease ms, tokens.
@@ -364,7 +383,8 @@ return enter_line(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
 
 def lock_keys(base: str) -> list[str]:
     """The keys of one execution lock, in the order :data:`LOCK_PRELUDE` names them."""
-    return [f"{base}:{suffix}" for suffix in ("holders", "line", "parked", "seq", "arrival")]
+    return [f"{base}:{suffix}"
+            for suffix in ("holders", "line", "parked", "seq", "arrival", "ran")]
 
 
 def line_keys(base: str) -> list[str]:

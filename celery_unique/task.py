@@ -28,7 +28,7 @@ from .keys import (
     compile_spec,
     task_signature,
 )
-from .lock import Lock, acquire_or_wait, eager_skipped, release_lock
+from .lock import Lock, acquire_or_wait, eager_skipped, release_lock, run_id
 from .settings import (
     CALL_OPTIONS,
     ON_DUPLICATE,
@@ -352,7 +352,10 @@ class UniqueTask(Task):  # type: ignore[misc]
         if lock is not None:
             request._unique_lock = None
             # Every end releases the lock, a retry too: it goes to the back of the line.
-            release_lock(self, request.id, lock, state, (info or {}).get("k"))
+            # A run that ended on a worker is remembered, unless its message goes back.
+            again = state == REJECTED and getattr(retval, "requeue", False)
+            ran = "" if request.is_eager or again else run_id(request)
+            release_lock(self, request.id, lock, state, (info or {}).get("k"), ran)
         if info is None or not info.get("q") or getattr(request, "_unique_released", False):
             return
         if state == RETRY:

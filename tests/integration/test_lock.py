@@ -31,19 +31,19 @@ class Lock:
         self.base = f"celery_unique:l:{{test-{uuid.uuid4().hex[:8]}}}"
 
     def acquire(self, token: str, mode: str = "order", wait: int = 3_600_000,
-                again: bool = False) -> list[Any]:
+                again: bool = False, run: str = "") -> list[Any]:
         reply = self.store.lock("acquire", self.base,
                                 [token, self.limit, self.lease, mode, wait,
-                                 "1" if again else "0"])
+                                 "1" if again else "0", run])
         return [text(x) for x in reply]
 
     def park(self, token: str, message: str) -> list[Any]:
         return [text(x) for x in self.store.lock(
             "park", self.base, [token, self.limit, self.lease, message])]
 
-    def release(self, token: str) -> list[Any]:
-        return [text(x) for x in self.store.lock(
-            "release", self.base, [token, self.limit, self.lease])]
+    def release(self, token: str, ran: str = "", keep: int = 60_000) -> list[Any]:
+        args = [token, self.limit, self.lease, *([ran, keep] if ran else [])]
+        return [text(x) for x in self.store.lock("release", self.base, args)]
 
     def extend(self, token: str) -> int:
         return int(self.store.lock("extend", self.base, [token, self.lease]))
@@ -53,7 +53,7 @@ class Lock:
 
     def keys(self) -> list[bytes]:
         return [k for k in self.store.client.keys(f"{self.base}:*")
-                if not k.endswith(b":seq")]
+                if not k.endswith((b":seq", b":ran"))]
 
 
 def make_store(server: RedisServer) -> Store:
@@ -176,7 +176,7 @@ def test_contending_processes_never_overlap(unique_redis_server: RedisServer) ->
     fences = [f for *_, f in spans]
     assert fences == sorted(fences) and len(set(fences)) == 200
     assert [k for k in redis.Redis.from_url(f"{unique_redis_server.url}/1").keys(f"{base}:*")
-            if not k.endswith(b":seq")] == []
+            if not k.endswith((b":seq", b":ran"))] == []
 
 
 def test_park_registers_the_lock_for_the_sweepers_in_the_same_script(
@@ -261,4 +261,24 @@ def test_a_copy_of_a_running_job_never_runs_beside_it(unique_redis_server: Redis
     assert lock.acquire("b")[0] == 1  # the handed job takes what it was handed
     assert lock.acquire("b") == [2, "b", -1]  # and a later copy of it does not
     assert lock.release("b")[0] == 1
+    assert lock.keys() == []
+
+
+def test_a_run_that_ended_is_not_run_again_by_a_late_copy(
+    unique_redis_server: RedisServer,
+) -> None:
+    """A run that ended on a worker ("token:retries") is remembered for the window the
+    worker gives: a late copy of it is told so ({3}); its retry is another run."""
+    lock = Lock(make_store(unique_redis_server))
+    assert lock.acquire("a", run="a:0")[0] == 1
+    assert lock.release("a", ran="a:0", keep=60_000)[0] == 1
+    assert lock.acquire("a", run="a:0") == [3, "a", -1]  # a late copy of that run
+    assert lock.acquire("a", "skip", run="a:0") == [3, "a", -1]
+    assert lock.acquire("a", run="a:1")[0] == 1  # its retry runs
+    assert lock.release("a", ran="a:1", keep=1)[0] == 1  # remembered for 1 ms only
+    wait_for(lambda: lock.acquire("a", run="a:1")[0] == 1, timeout=5,
+             what="the 1 ms window to pass")
+    assert lock.release("a")[0] == 1
+    assert lock.acquire("a", run="a:0") == [3, "a", -1]  # the longer window is kept
+    assert 0 < lock.store.client.pttl(f"{lock.base}:ran") <= 60_000
     assert lock.keys() == []
