@@ -26,7 +26,7 @@ from redis.cluster import RedisCluster
 from .lock import _publish_woken, waiting_key
 from .scripts import lock_keys
 from .settings import setting
-from .store import Store, get_store
+from .store import Store, _text, get_store
 
 __all__ = ["LockDetail", "LockInfo", "Waiting", "clear", "get_lock", "iter_locks", "release"]
 
@@ -74,10 +74,6 @@ class LockDetail(LockInfo):
 
 def _prefix(app: Celery) -> str:
     return str(setting(app, "unique_key_prefix"))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _splitter(app: Celery, scoped: bool) -> Any:

@@ -103,8 +103,8 @@ def acquire_lock(task: Task, lock: Lock, queueing_key: str | None, queue: str | 
                         task.name, token)
             raise Ignore()
         if reply[0] == 2 and not request.is_eager:
-            # Another copy of this job holds the lock: this one runs after it, if at all
-            # (it runs again then: at least once), never beside it.
+            # Another copy of this job holds the lock: this one waits for it to end, never
+            # runs beside it, and is then dropped as a copy of a run that ended (3 above).
             request._unique_parked = True
             _waiting(task, lock, holder, "retry")
             _requeue(task, lock, counter="d")
