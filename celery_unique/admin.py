@@ -15,23 +15,23 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import itertools
-import json
 from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery
-from kombu.serialization import loads
 from redis.cluster import RedisCluster
 
-from .lock import _publish_woken, waiting_key
-from .scripts import lock_keys
+from .broker import publish_woken
+from .keys import LOCK_KEY_SUFFIXES, registry_key
+from .scripts import text
 from .settings import setting
-from .store import Store, _text, get_store
+from .store import Store, get_store
+from .wire import decode_parked
 
 __all__ = ["LockDetail", "LockInfo", "Waiting", "clear", "get_lock", "iter_locks", "release"]
 
 KINDS = ("queueing", "lock")
-_SUFFIXES = (":holders", ":line", ":parked", ":seq", ":arrival", ":ran")
+_SUFFIXES = tuple(f":{suffix}" for suffix in LOCK_KEY_SUFFIXES)
 _PAGE = 1000
 
 
@@ -129,14 +129,14 @@ def _wanted(info: LockInfo, match: str | None, task: str | None) -> bool:
 def _pages(client: Any, pattern: str, page: int) -> Iterator[list[str]]:
     if isinstance(client, RedisCluster):  # a cursor per node: redis-py walks them
         keys = client.scan_iter(match=pattern, count=page)
-        while batch := [_text(k) for k in itertools.islice(keys, page)]:
+        while batch := [text(k) for k in itertools.islice(keys, page)]:
             yield batch
         return
     cursor: Any = 0
     while True:
         cursor, keys = client.scan(cursor, match=pattern, count=page)
         if keys:
-            yield [_text(k) for k in keys]
+            yield [text(k) for k in keys]
         if int(cursor) == 0:
             return
 
@@ -158,18 +158,11 @@ def _entries(app: Celery, keys: list[str]) -> Iterator[tuple[str, str]]:
 
 
 def _infos(app: Celery, store: Store, entries: list[tuple[str, str]]) -> list[LockInfo]:
-    """The locks ``entries`` name, read in one command (a pipeline on a cluster, whose
-    keys span slots); those gone since the scan, or listed by their holders, left out."""
+    """The locks ``entries`` name, read in one command (:meth:`Store.read_locks`); those
+    gone since the scan, or listed by their holders, left out."""
     if not entries:
         return []
-    if store.cluster:
-        now_ms, rows = _read_pipelined(store, entries)
-    else:
-        keys = [k for letter, key in entries for k in _read_keys(letter, key)]
-        text = _text(store.run(store.read_locks, keys, ["".join(e[0] for e in entries)]))
-        first, *lines = text.split("\n")
-        now_ms = int(first)
-        rows = [line.split("\0") if line else None for line in lines]
+    now_ms, rows = store.read_locks(entries)
     prefix = _prefix(app)
     queueing = _splitter(app, scoped=True)
     shared = _splitter(app, scoped=False)
@@ -189,40 +182,6 @@ def _infos(app: Celery, store: Store, entries: list[tuple[str, str]]) -> list[Lo
                             max(0.0, (soonest - now_ms) / 1000) if soonest else None,
                             int(row[1]) if row[1] else None, int(row[0])))
     return out
-
-
-def _read_keys(letter: str, key: str) -> list[str]:
-    if letter == "q":
-        return [key]
-    holders, line, _, seq, *_ = lock_keys(key)
-    return [holders, line, seq]
-
-
-def _read_pipelined(store: Store, entries: list[tuple[str, str]]
-                    ) -> tuple[int, list[list[str] | None]]:
-    """``READ_LOCKS``' rows, read with one pipeline of plain commands."""
-    pipe = store.client.pipeline(transaction=False)
-    for letter, key in entries:
-        keys = _read_keys(letter, key)
-        if letter == "q":
-            pipe.get(key).pttl(key)
-        else:
-            pipe.zrange(keys[0], 0, -1, withscores=True).zcard(keys[1]).get(keys[2])
-    seconds, micros = store.client.time()
-    replies = iter(pipe.execute())
-    rows: list[list[str] | None] = []
-    for letter, _ in entries:
-        if letter == "q":
-            holder, pttl = next(replies), next(replies)
-            rows.append([_text(holder), str(pttl)] if holder else None)
-            continue
-        held, waiting, seq = next(replies), next(replies), next(replies)
-        if (letter == "l" and held) or not (held or waiting):
-            rows.append(None)
-            continue
-        flat = [str(x) if isinstance(x, float) else _text(x) for pair in held for x in pair]
-        rows.append([str(waiting), _text(seq) if seq else "", *flat])
-    return int(seconds) * 1000 + int(micros) // 1000, rows
 
 
 def get_lock(app: Celery, key_or_value: str) -> LockDetail | None:
@@ -248,23 +207,15 @@ def get_lock(app: Celery, key_or_value: str) -> LockDetail | None:
 def _line(store: Store, info: LockInfo) -> Iterator[Waiting]:
     if info.kind != "lock":
         return
-    _, line, parked, *_ = lock_keys(info.key)
-    for place, token in enumerate(store.client.zrange(line, 0, -1)):
-        message = store.client.hget(parked, token)
-        yield Waiting(_text(token), place, message is not None,
-                      _task_of(_text(message)) if message is not None else None)
+    for place, (token, message) in enumerate(store.line(info.key)):
+        yield Waiting(token, place, message is not None,
+                      _task_of(message) if message is not None else None)
 
 
 def _task_of(message: str) -> str | None:
     """The task name in a parked message (kombu's own, or a Celery signature)."""
     try:
-        if message.startswith("\x01"):
-            return str(json.loads(message.split("\n", 1)[1])["headers"]["task"])
-        content_type, encoding, data = message.split("\n", 2)
-        raw: Any = data.encode("latin-1") if encoding == "binary" else data
-        body = loads(raw, content_type, encoding,  # type: ignore[no-untyped-call]
-                     accept=[content_type])
-        return str(body["task"])
+        return decode_parked(message).task_name()
     except Exception:
         return None
 
@@ -282,26 +233,17 @@ def release(app: Celery, key: str) -> int:
             key = key[: -len(suffix)]
     if not key.startswith(f"{prefix}:l:"):
         raise KeyError(f"not a key of celery-unique's (prefix {prefix!r}): {key!r}")
-    limit, lease_ms = _limits(app, store, key)
-    holders = [_text(t) for t in store.client.zrange(lock_keys(key)[0], 0, -1)]
+    # The lock's limit and lease, as the sweepers' registry has them (else defaults).
+    entry = store.registered(registry_key(_prefix(app)), key)
+    limit, lease_ms = (entry.limit, entry.lease_ms) if entry else (
+        1, int(float(setting(app, "unique_lock_timeout")) * 1000))
     released = 0
-    for token in holders or [""]:
+    for token in store.holders(key) or [""]:
         # With no holder, a release of nobody still hands free places to parked jobs.
-        reply = store.lock("release", key, [token, limit, lease_ms])
-        released += int(reply[0])
-        _publish_woken(app, reply[1:], store)
+        reply = store.release_lock(key, token=token, limit=limit, lease_ms=lease_ms)
+        released += reply.held
+        publish_woken(app, store, reply.woken)
     return released
-
-
-def _limits(app: Celery, store: Store, base: str) -> tuple[int, int]:
-    """The lock's limit and lease, as the sweepers' registry has them (else defaults)."""
-    suffix = f"|{base}"
-    for member in store.client.zscan_iter(waiting_key(app), match=f"*{_glob(suffix)}"):
-        name = _text(member[0])
-        if name.endswith(suffix):
-            limit, lease, _ = name.split("|", 2)
-            return int(limit), int(lease)
-    return 1, int(float(setting(app, "unique_lock_timeout")) * 1000)
 
 
 def clear(app: Celery, *, match: str | None = None, task: str | None = None,

@@ -1,51 +1,72 @@
-"""The Redis broker hook: a message and its locks pushed in one Lua script.
+"""The broker hook: a message and its locks pushed in one Lua script, a message built to
+be parked, and a parked job published again.
 
 When the broker is kombu's Redis transport and the lock store is the same server and
 database, the message is not pushed by kombu's ``Channel._put`` (one ``LPUSH``) but by
-:data:`~celery_unique.scripts.PUSH_WITH_LOCKS`, which takes the queueing lock, takes the
-job's place in line and pushes the message, or does nothing for a duplicate. A caller
-that dies mid-enqueue then leaves both or neither, and the lock costs no round trip.
+:meth:`~celery_unique.store.Store.push_with_locks`, which takes the queueing lock, takes
+the job's place in line and pushes the message, or does nothing for a duplicate. A
+caller that dies mid-enqueue then leaves both or neither, and the lock costs no round
+trip.
 
 The hook acts only on the message whose id the current thread asked it to push
-(:func:`pushing`); every other message goes through kombu's own ``_put`` untouched. It
+(:class:`pushing`); every other message goes through kombu's own ``_put`` untouched. It
 is installed the first time an app is found able to use it, never at import.
+
+Both sides stand on this module: the caller's (the push), the worker's (the capture of a
+message to park, the wake of parked jobs) and the operator's (a release hands the lock on).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
+from celery.canvas import Signature
+from celery.result import AsyncResult
+from kombu.serialization import dumps
 from kombu.utils import json as kombu_json
 
+from .exceptions import LockStoreUnavailable
+from .scripts import Duplicate, GatedProducer, GatedRouter, Pending, Taken, Woken
 from .settings import safe_url
-from .store import Store, acquire_reply
+from .signals import report_store_unavailable
+from .state import app_state
+from .store import Store
+from .wire import HEADER, Lock, ParkedMessage, ParkedSignature, decode_parked, set_queue
 
-__all__ = ["Captured", "Duplicate", "Push", "atomic", "pushing"]
+__all__ = ["INTERNALS", "Captured", "Duplicate", "Push", "atomic", "capture", "publish_woken",
+           "pushing"]
 
 logger = logging.getLogger(__name__)
 
+#: Every internal of kombu or Celery this package relies on, and what for. Each is pinned
+#: by ``tests/unit/test_internals.py``, which fails naming the one a new version changed.
+INTERNALS: dict[str, str] = {
+    "kombu.transport.redis.Channel._put": "replaced by the hook: the atomic enqueue",
+    "kombu.transport.redis.Channel._put_fanout": "replaced: locks taken before the put",
+    "kombu.transport.redis.Channel._q_for_pri": "the queue key the hook pushes onto",
+    "kombu.transport.redis.Channel._get_message_priority": "the same",
+    "kombu.transport.redis.Channel._expires": "queues with x-expires: kombu's own put",
+    "kombu.transport.redis.Channel._put(_publish_batch=)": "a batch: kombu's own put",
+    "celery.backends.redis.ResultConsumer.cancel_for":
+        "a refused push forgets Celery's subscription to its result",
+    "celery.app.amqp: the router is called before the producer is used":
+        "the reply of a lock sent ahead is read there",
+    "celery.worker.request.Request.request_dict": "the job's header, in the main process",
+    "celery.worker.request.Request._context": "a retry on worker loss keeps its lock",
+    "celery.worker.request.Request._retry_worker_lost": "the same (Celery >= 5.7)",
+    "celery._state.default_app": "the command's app when none is given",
+}
+
+Publish = Callable[..., AsyncResult]
+
 # kombu's Redis transport serializes a message with this before its LPUSH.
 _dumps: Callable[[Any], str] = kombu_json.dumps
-
-#: The message header carrying a job's locks to the worker: ``{"q": key, "until": mode,
-#: "t": lease in ms}``, the lock's fields (:meth:`~celery_unique.lock.Lock.header`) and
-#: ``"k"``, the job's queue as the hook pushed it. The worker never rebuilds a key it
-#: can read here.
-HEADER = "celery_unique"
-
-
-class Duplicate(Exception):
-    """Internal: the queueing lock is held by another job; never leaves apply_async."""
-
-    def __init__(self, holder: str, pttl: int) -> None:
-        super().__init__(holder, pttl)
-        self.holder, self.pttl = holder, pttl
 
 
 class Captured(Exception):
@@ -53,24 +74,138 @@ class Captured(Exception):
 
 
 class Push:
-    """One message's locks, taken where kombu pushes the message (``Channel._put``).
+    """One message's locks, taken with its publish: in the script that pushes it where
+    kombu would (:meth:`atomic`, ``Channel._put``), else by commands sent ahead and read
+    while Celery builds the message (:meth:`separate`).
 
     ``queueing_key``/``ttl_ms``: the queueing lock to take (or None); ``line``: the lock
-    whose line the job enters, as ``(line, seq, arrival)`` keys and the ms it may take
-    to reach a worker (or None). ``capture``: build the message, keep it, push nothing.
+    whose line the job enters (or None). ``capture``: build the message, keep it, push
+    nothing.
     """
 
-    __slots__ = ("capture", "captured", "line", "pushed", "queueing_key", "refused",
-                 "store", "task_id", "ttl_ms")
+    __slots__ = ("capture", "captured", "line", "pushed", "queueing_key", "refused", "store",
+                 "task_id", "ttl_ms")
 
     def __init__(self, store: Store, task_id: str, queueing_key: str | None = None,
-                 ttl_ms: int = 0, line: tuple[list[str], int] | None = None,
-                 capture: bool = False) -> None:
+                 ttl_ms: int = 0, line: Lock | None = None, capture: bool = False) -> None:
         self.store, self.task_id = store, task_id
         self.queueing_key, self.ttl_ms, self.line = queueing_key, ttl_ms, line
         self.capture = capture
         self.captured: str | None = None
         self.pushed = self.refused = False
+
+    def publish(self, app: Celery, publish: Publish, producer: Any, options: dict[str, Any],
+                *, eager: bool, held: bool, task: Task, on_store_error: str) -> AsyncResult:
+        """Publish through the path chosen for the app and store (``held``: the key was
+        found held moments ago); a store outage as ``on_store_error`` says."""
+        try:
+            # A ``connection`` of the caller's own may be another server's: the safe path.
+            if not (eager or options.get("connection")) and atomic(app, self.store):
+                return self.atomic(app, publish, options, peek=held, task=task)
+            return self.separate(app, publish, producer, options, eager=eager,
+                                 at_router=held or bool(options.get("connection")))
+        except LockStoreUnavailable as exc:
+            if on_store_error != "allow":
+                raise
+            # Chosen: published without its locks, and said.
+            report_store_unavailable(task, "enqueue", self.task_id, exc)
+            options["headers"] = {k: v for k, v in options["headers"].items() if k != HEADER}
+            options.pop("router", None)
+            return publish(self.task_id, producer)
+
+    def atomic(self, app: Celery, publish: Publish, options: dict[str, Any], *,
+               peek: bool, task: Task) -> AsyncResult:
+        """Publish, the locks taken by the push script; ``peek``: the key was found held
+        moments ago (duplicates come in bursts): a peek is sent now and read when Celery
+        routes the message, before it builds it. A hint of a duplicate, never a decision
+        to accept: the push decides."""
+        sent = None
+        if peek and self.queueing_key:
+            sent = self.store.send_peek_queueing_lock(self.queueing_key, self.task_id)
+            options["router"] = GatedRouter(options.get("router") or app.amqp.router, sent)
+        try:
+            with pushing(self):
+                result = publish(self.task_id)
+        except Duplicate:
+            consumer: Any = getattr(task.backend, "result_consumer", None)
+            if self.refused and hasattr(consumer, "cancel_for"):
+                # Celery subscribed to the job's result before the push was refused (the
+                # Redis result backend): nobody will ever publish that result.
+                with contextlib.suppress(Exception):
+                    consumer.cancel_for(self.task_id)
+            raise
+        finally:
+            if sent is not None:
+                sent.settle()
+        if not self.pushed:
+            # Nothing came through kombu's Redis put, which every exchange type of kombu's
+            # Redis transport calls: a kombu that publishes some other way. The locks are
+            # taken now, late rather than never, and it is said once.
+            _warn_unpushed(app, task.name)
+            self.take()
+        return result
+
+    def separate(self, app: Celery, publish: Publish, producer: Any,
+                 options: dict[str, Any], *, eager: bool, at_router: bool) -> AsyncResult:
+        """Publish, the locks taken by commands sent first and read while Celery works:
+        the round trip overlaps Celery's message building instead of preceding it. The
+        reply is read when Celery first uses the producer, once the message is built; or
+        at routing, before it builds it (``at_router``: a key found held moments ago, or
+        a message Celery sends on a ``connection`` of the caller's). Eager mode runs the
+        job in the caller, without routing or producer: it waits for the reply first."""
+        key, store, task_id = self.queueing_key, self.store, self.task_id
+        entered: list[Pending[int]] = []
+
+        def enter_line() -> None:
+            if self.line is not None:
+                entered.append(store.send_enter_line(self.line.base, task_id,
+                                                     self.line.wait_ms))
+
+        sent: Pending[Taken] | None = None
+        try:
+            if key is None:
+                enter_line()
+                return publish(task_id)
+            sent = store.send_acquire_queueing_lock(key, task_id, self.ttl_ms, now=eager)
+            if eager:
+                sent.result().check()
+                enter_line()
+                return publish(task_id)
+            if at_router:
+                options["router"] = GatedRouter(options.get("router") or app.amqp.router,
+                                                sent, enter_line)
+                return publish(task_id)
+            with app.producer_or_acquire(producer) as real_producer:
+                return publish(task_id, GatedProducer(real_producer, sent, enter_line))
+        except Duplicate:
+            raise
+        except BaseException:
+            # The message was not published (or, in eager mode, the job raised): its locks
+            # would otherwise block others until their leases run out.
+            self._undo(app, sent, entered)
+            raise
+        finally:
+            if sent is not None:
+                sent.settle()
+            for each in entered:
+                each.settle()
+
+    def _undo(self, app: Celery, sent: Pending[Taken] | None,
+              entered: list[Pending[int]]) -> None:
+        """Give up the locks of a message that was not published."""
+        store, line = self.store, self.line
+        if sent is not None and (sent.settle() or (False,))[0]:
+            store.release_quietly(self.queueing_key or "", self.task_id, "publish failed")
+        for each in entered:
+            each.settle()
+        if entered and line is not None:
+            try:
+                released = store.release_lock(line.base, token=self.task_id,
+                                              limit=line.limit, lease_ms=line.lease_ms)
+                publish_woken(app, store, released.woken)
+            except Exception:
+                logger.exception("celery-unique: could not release %s for %s", line.base,
+                                 self.task_id)
 
     def put(self, channel: Any, queue: str, message: dict[str, Any], kwargs: Any) -> Any:
         """Push ``message`` onto ``queue`` with its locks, or raise :class:`Duplicate`."""
@@ -79,7 +214,7 @@ class Push:
         if isinstance(info, dict):
             # The job's own queue, for the release that hands its lock on: a job parked
             # from this queue is pushed back onto it inside the release script.
-            info["k"] = key
+            set_queue(info, key)
         plain = kwargs.get("_publish_batch") is not None or queue in (
             getattr(channel, "_expires", None) or ())
         if self.capture:
@@ -87,45 +222,44 @@ class Push:
                 # A queue with x-expires or a batch: not one LPUSH a script could redo.
                 # Nothing is pushed; the job is parked as a signature instead.
                 raise Captured()
-            # A tag of the job's own: each push replaces it with a fresh one (a message
-            # pushed twice must not share kombu's unacked entry).
-            message["properties"]["delivery_tag"] = f"{self.task_id}.cu"
-            self.captured = f"\x01{key}\n{_dumps(message)}"
+            message["properties"]["delivery_tag"] = ParkedMessage.captured_tag(self.task_id)
+            self.captured = ParkedMessage(key, _dumps(message)).encode()
             raise Captured()
         if plain or not _same_server(channel, self.store):
             # More to do than one LPUSH (a publish batch, queue expiry), or another
             # server: the locks first, then kombu's own put.
             self.take()
-            return _kombu_put(channel, queue, message, **kwargs)
-        keys, args = [key], [_dumps(message), self.task_id, "", ""]
-        if self.queueing_key:
-            keys.append(self.queueing_key)
-            args[2] = str(self.ttl_ms)
-        if self.line is not None:
-            keys.extend(self.line[0])
-            args[3] = str(self.line[1])
+            return _kombu.put(channel, queue, message, **kwargs)
         with channel.conn_or_acquire() as client:
             # The channel is this thread's until the publish ends: it keeps the connection.
-            reply = self.store.run_on(client, self.store.push_script, keys, args, channel)
-        if reply is not None:
-            self._refused(reply)
+            taken = self.store.push_with_locks(
+                client, channel, queue=key, message=_dumps(message), token=self.task_id,
+                queueing_key=self.queueing_key, ttl_ms=self.ttl_ms,
+                line_base=self.line.base if self.line else None,
+                wait_ms=self.line.wait_ms if self.line else 0)
+        self.refused = not taken.taken
+        taken.check()
         self.pushed = True
 
-    def take(self) -> None:
-        """Take the locks with the store's own commands (kombu pushes the message)."""
-        if self.queueing_key:
-            reply = self.store.run(self.store.acquire_queueing, [self.queueing_key],
-                                   [self.task_id, self.ttl_ms])
-            if reply is not None:
-                self._refused(reply)
-        if self.line is not None:
-            self.store.run(self.store.enter_line, self.line[0], [self.task_id, self.line[1]])
+    def take(self, check: bool = True) -> None:
+        """Take the locks with the store's own commands (kombu pushes the message);
+        ``check``: raise :class:`Duplicate` when the queueing lock is held."""
+        line = self.line
+        taken = self.store.take_locks(self.task_id, self.queueing_key, self.ttl_ms,
+                                      line.base if line else None, line.wait_ms if line else 0)
+        if check:
+            self.refused = not taken.taken
+            taken.check()
         self.pushed = True
 
-    def _refused(self, reply: Any) -> None:
-        _, holder, pttl = acquire_reply(self.task_id, self.ttl_ms)(reply)
-        self.refused = True
-        raise Duplicate(holder, pttl)
+
+def _warn_unpushed(app: Celery, name: str) -> None:
+    warned = app_state(app).warned
+    if name not in warned:
+        warned.add(name)
+        logger.warning("celery-unique: %s was published without kombu's Redis put: its"
+                       " locks were taken after the publish (please report this kombu"
+                       " version)", name)
 
 
 _local = threading.local()
@@ -159,7 +293,7 @@ def _message_id(message: dict[str, Any]) -> Any:
 def _put(self: Any, queue: str, message: dict[str, Any], **kwargs: Any) -> Any:
     push = getattr(_local, "push", None)
     if push is None or push.task_id != _message_id(message):
-        return _kombu_put(self, queue, message, **kwargs)
+        return _kombu.put(self, queue, message, **kwargs)
     return push.put(self, queue, message, kwargs)
 
 
@@ -168,25 +302,74 @@ def _put_fanout(self: Any, exchange: str, message: dict[str, Any], routing_key: 
     push = getattr(_local, "push", None)
     if push is not None and push.task_id == _message_id(message) and not push.capture:
         push.take()  # a fanout message is not a list push: the locks are taken first
-    return _kombu_put_fanout(self, exchange, message, routing_key, **kwargs)
+    return _kombu.put_fanout(self, exchange, message, routing_key, **kwargs)
 
 
-# -- the decision, once per app --------------------------------------------------------
+# -- parking and waking ------------------------------------------------------------------
 
-_kombu_put: Any = None
-_kombu_put_fanout: Any = None
-_install_lock = threading.Lock()
-_choices: weakref.WeakKeyDictionary[Celery, tuple[Store, bool]] = (
-    weakref.WeakKeyDictionary())
+def capture(app: Celery, store: Store, task: Task, sig: Signature) -> str:
+    """The job ``sig`` of ``task`` as a parked message (:mod:`celery_unique.wire`): kombu's
+    own message, pushed as it is when it is handed the lock (the atomic path), else a
+    signature in the task's serializer."""
+    if atomic(app, store):
+        push = Push(store, sig.id, capture=True)
+        try:
+            with pushing(push):
+                # Not UniqueTask's: the job already holds its queueing lock and its place.
+                Task.apply_async(task, sig.args, sig.kwargs, **sig.options)
+        except Captured:
+            pass
+        if push.captured is not None:
+            return push.captured
+    content_type, encoding, data = dumps(  # type: ignore[no-untyped-call]
+        dict(sig), serializer=task.serializer)
+    return ParkedSignature.of(content_type, encoding, data).encode()
+
+
+def publish_woken(app: Celery, store: Store, woken: list[Woken]) -> None:
+    """Publish the parked jobs a script handed the lock (those it did not push itself)."""
+    for token, message in woken:
+        if not message:
+            continue  # pushed onto its queue by the script that woke it
+        try:
+            parked = decode_parked(message)
+            if isinstance(parked, ParkedMessage):
+                # kombu's message for another queue than the caller's: pushed from here,
+                # under a fresh delivery tag as the script would.
+                store.client.lpush(parked.queue, parked.fresh_body(token))
+            else:
+                sig = Signature(parked.signature(), app=app)
+                # Task.apply_async, not UniqueTask's: the job holds its queueing lock and
+                # its lock already.
+                Task.apply_async(app.tasks[sig.task], sig.args, sig.kwargs, **sig.options)
+        except Exception:
+            # Its place is kept: the lease it was handed runs out, and it goes back to
+            # the front of the line, published again by the next release or sweep.
+            logger.exception("celery-unique: could not publish %s, handed its lock", token)
+
+
+# -- the decision, once per app and store ------------------------------------------------
+
+class _Kombu:
+    """kombu's own puts, kept when the hook replaces them: once per process, as the class
+    it patches is."""
+
+    put: Any = None
+    put_fanout: Any = None
+    lock = threading.Lock()
+
+
+_kombu = _Kombu()
 
 
 def atomic(app: Celery, store: Store) -> bool:
     """Whether ``app``'s messages are pushed with their locks: decided once per app and
     store (a changed setting makes a new store), and logged."""
-    choice = _choices.get(app)
+    state = app_state(app)
+    choice = state.atomic
     if choice is None or choice[0] is not store:
         why_not = _why_not(app, store)
-        choice = _choices[app] = (store, why_not is None and _install())
+        choice = state.atomic = (store, why_not is None and _install())
         logger.debug("celery-unique: %s: locks taken %s", app.main or app, "in the push"
                      " script (atomic enqueue)" if choice[1] else f"before the push ({why_not})")
     return choice[1]
@@ -200,7 +383,7 @@ def _why_not(app: Celery, store: Store) -> str | None:
                 if store.url.startswith("sentinel://") else "a lock store given")
     from kombu.transport import redis as kombu_redis
 
-    shape = _shape_problem(kombu_redis.Channel)
+    shape = shape_problem(kombu_redis.Channel)
     if shape:
         return shape
     connection = app.connection_for_write()
@@ -223,13 +406,13 @@ def _why_not(app: Celery, store: Store) -> str | None:
     return None
 
 
-def _shape_problem(channel: Any) -> str | None:
+def shape_problem(channel: Any) -> str | None:
     """What of kombu's Redis channel the hook relies on is missing, if anything."""
     for name in ("_put", "_put_fanout", "_q_for_pri", "_get_message_priority",
                  "conn_or_acquire"):
         if not callable(getattr(channel, name, None)):
             return f"kombu's Redis channel has no {name}()"
-    put = _kombu_put or channel._put
+    put = _kombu.put or channel._put
     params = list(inspect.signature(put).parameters.values())
     if [p.name for p in params[:3]] != ["self", "queue", "message"] or (
         len(params) != 4 or params[3].kind is not inspect.Parameter.VAR_KEYWORD
@@ -239,13 +422,12 @@ def _shape_problem(channel: Any) -> str | None:
 
 
 def _install() -> bool:
-    global _kombu_put, _kombu_put_fanout
     from kombu.transport import redis as kombu_redis
 
-    with _install_lock:
-        if _kombu_put is None:
-            _kombu_put = kombu_redis.Channel._put
-            _kombu_put_fanout = kombu_redis.Channel._put_fanout
+    with _kombu.lock:
+        if _kombu.put is None:
+            _kombu.put = kombu_redis.Channel._put
+            _kombu.put_fanout = kombu_redis.Channel._put_fanout
             setattr(kombu_redis.Channel, "_put", _put)  # noqa: B010 - mypy: a method
             setattr(kombu_redis.Channel, "_put_fanout", _put_fanout)  # noqa: B010
     return True
@@ -278,4 +460,3 @@ def _same_server(channel: Any, store: Store) -> bool:
             same = False
         channel.__dict__["_celery_unique_same"] = same
     return bool(same)
-

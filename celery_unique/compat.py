@@ -11,6 +11,7 @@ behaviour was a bug, the shim keeps the fix (see the migration guides).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -97,7 +98,7 @@ class QueueOnce(UniqueTask):
         """The Redis key of the lock for these arguments (this package's scheme)."""
         spec = self._unique_check_call({})
         assert spec is not None
-        return build_key(self._unique_defaults["key_prefix"], "q", self.name,
+        return build_key(self._unique_defaults.key_prefix, "q", self.name,
                          spec.render(tuple(args or ()), dict(kwargs or {})))
 
     def apply_async(self, args: Sequence[Any] | None = None,
@@ -261,7 +262,8 @@ class Singleton(UniqueTask):
         prefix = app.conf.get("singleton_key_prefix")
         if prefix and cls.run is not UniqueTask.run:
             # This package's scheme under their prefix: ``lock_prefix:q:{task:...}``.
-            cls._unique_defaults["key_prefix"] = str(prefix).rstrip(":")
+            cls._unique_defaults = dataclasses.replace(cls._unique_defaults,
+                                                       key_prefix=str(prefix).rstrip(":"))
 
     @property
     def singleton_config(self) -> SingletonConfig:
@@ -276,14 +278,14 @@ class Singleton(UniqueTask):
     @property
     def _raise_on_duplicate(self) -> bool:
         self._unique_check_call({})
-        return self._unique_defaults.get("on_duplicate") == "raise"
+        return self._unique_defaults.on_duplicate == "raise"
 
     def generate_lock(self, task_name: str, task_args: Sequence[Any] | None = None,
                       task_kwargs: Mapping[str, Any] | None = None) -> str:
         """The Redis key of the lock for these arguments (this package's scheme)."""
         spec = self._unique_check_call({})
         assert spec is not None
-        return build_key(self._unique_defaults["key_prefix"], "q", task_name,
+        return build_key(self._unique_defaults.key_prefix, "q", task_name,
                          spec.render(tuple(task_args or ()), dict(task_kwargs or {})))
 
     def get_existing_task_id(self, lock: str) -> str | None:
@@ -293,7 +295,7 @@ class Singleton(UniqueTask):
     def aquire_lock(self, lock: str, task_id: str) -> bool:
         """Take ``lock`` for ``task_id`` (celery-singleton's spelling)."""
         self._unique_check_call({})
-        ttl = self._unique_defaults["queueing_lock_timeout"]
+        ttl = self._unique_defaults.queueing_lock_timeout
         return self.singleton_backend.lock(lock, task_id, expiry=ttl)
 
     def release_lock(self, task_args: Sequence[Any] | None = None,
@@ -325,12 +327,12 @@ def clear_locks(app: Celery) -> int:
     """Release the locks of every :class:`Singleton` task of ``app`` (celery-singleton's
     ``clear_locks``, for a worker's start). Returns how many were released."""
     tasks = [t for t in app.tasks.values() if isinstance(t, Singleton)]
-    prefixes = {t._unique_defaults.get("key_prefix") for t in tasks}
+    prefixes = {t._unique_defaults.key_prefix for t in tasks}
     count = 0
     app_prefix = setting(app, "unique_key_prefix")
     for prefix in prefixes - {app_prefix, None}:
         # A prefix of their own (singleton_key_prefix): every queueing lock under it.
-        client = next(t for t in tasks if t._unique_defaults.get("key_prefix") == prefix
+        client = next(t for t in tasks if t._unique_defaults.key_prefix == prefix
                       )._unique_store().client
         for key in client.scan_iter(match=f"{admin._glob(str(prefix))}:q:*", count=1000):
             count += int(client.delete(key))

@@ -18,7 +18,8 @@ from typing import Any, Union
 
 from .exceptions import ConfigurationError, KeyBuildError
 
-__all__ = ["Binder", "CompiledSpec", "LockSpec", "build_key", "canonical", "compile_spec"]
+__all__ = ["Binder", "CompiledSpec", "LockSpec", "build_key", "canonical", "compile_spec",
+           "line_keys", "lock_keys", "registry_key"]
 
 #: What ``queueing_lock`` and ``lock`` accept.
 LockSpec = Union[str, Callable[..., str], bool, None]
@@ -278,3 +279,23 @@ def build_key(prefix: str, kind: str, scope: str, value: str) -> str:
         digest = hashlib.sha256(tag.encode("utf-8", "surrogatepass")).hexdigest()[:32]
         tag = f"{_UNSAFE.sub('_', tag[:64])}~{digest}"
     return f"{prefix}:{kind}:{{{tag}}}"
+
+
+#: The keys of one execution lock, after its base (``prefix:l:{name}``), in the order the
+#: lock scripts name them (see :mod:`celery_unique.store`); all share the base's hash tag.
+LOCK_KEY_SUFFIXES = ("holders", "line", "parked", "seq", "arrival", "ran")
+
+
+def lock_keys(base: str) -> list[str]:
+    """The keys of the execution lock ``base``, in :data:`LOCK_KEY_SUFFIXES`' order."""
+    return [f"{base}:{suffix}" for suffix in LOCK_KEY_SUFFIXES]
+
+
+def line_keys(base: str) -> list[str]:
+    """The keys a job entering the line of ``base`` writes: its line, seq and arrival."""
+    return [f"{base}:line", f"{base}:seq", f"{base}:arrival"]
+
+
+def registry_key(prefix: str) -> str:
+    """The sweepers' registry of locks with parked jobs (``prefix:l:waiting``)."""
+    return f"{prefix}:l:waiting"

@@ -13,9 +13,10 @@ from typing import Any
 from billiard.exceptions import Terminated, WorkerLostError
 from celery.worker.request import Request
 
-from .lock import Lock, arrivals, release_lock
-from .store import get_store, release_quietly
-from .task import HEADER
+from .lock import release_lock
+from .runtime import worker_runtime
+from .store import store_of
+from .wire import HEADER, JobHeader, Lock
 
 __all__ = ["UniqueRequest"]
 
@@ -30,16 +31,16 @@ class UniqueRequest(Request):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        info = self.request_dict.get(HEADER)
-        lock = Lock.from_header(info) if isinstance(info, dict) else None
+        lock = Lock.of_header(self.request_dict.get(HEADER))
         if lock is not None and lock.mode == "order":
             # Received: the worker's sweep keeps its place until a pool process starts it.
             self._unique_arrived = lock
-            arrivals.add(self.id, lock)
+            worker_runtime(self.task.app).arrivals.add(self.id, lock)
 
     def _unique_left(self) -> None:
         """The job is no longer only held here: started, or ended without running."""
-        arrivals.discard(self.id, self._unique_arrived)
+        if self._unique_arrived is not None:
+            worker_runtime(self.task.app).arrivals.discard(self.id, self._unique_arrived)
 
     def on_accepted(self, pid: Any, time_accepted: Any) -> None:
         self._unique_left()
@@ -52,16 +53,15 @@ class UniqueRequest(Request):  # type: ignore[misc]
 
     def _unique_release(self, why: str, queueing: bool = True) -> None:
         self._unique_left()
-        info = self.request_dict.get(HEADER)
-        if self._unique_done or not isinstance(info, dict):
+        header = JobHeader.from_header(self.request_dict.get(HEADER))
+        if self._unique_done or header is None:
             return
         self._unique_done = True
-        if queueing and info.get("q"):
-            release_quietly(get_store(self.task.app), info["q"], self.id, why)
-        lock = Lock.from_header(info)
-        if lock is not None:
+        if queueing and header.queueing_key:
+            store_of(self.task.app).release_quietly(header.queueing_key, self.id, why)
+        if header.lock is not None:
             # Held, or a place in line: either way the job will not run now.
-            release_lock(self.task, self.id, lock, why, info.get("k"))
+            release_lock(self.task, self.id, header.lock, why, header.queue)
 
     def revoked(self) -> bool:
         revoked = bool(super().revoked())

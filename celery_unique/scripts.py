@@ -1,43 +1,137 @@
-"""The Lua scripts that touch Redis, each a named constant headed by its KEYS, ARGV and
-reply, and the key lists they take.
+"""The Lua scripts that touch Redis, one typed method each: :class:`Scripts`.
 
-Each check-then-write is one script run with EVALSHA (redis-py loads it on the first
-NOSCRIPT), every key goes through ``KEYS`` (Redis Cluster), TTLs are in milliseconds and
-every lock's value is its owner's token (the job's task id). :mod:`celery_unique.store`
-runs them.
+Each script is a named constant headed by its KEYS, ARGV and reply, beside the one method
+that runs it (redis-py's ``redis/lock.py``); no other module builds a script's KEYS or
+ARGV, or reads its reply: a reply is a typed value, a refusal a typed exception. Every
+check-then-write is one script run with EVALSHA (redis-py loads it on the first NOSCRIPT),
+every key goes through ``KEYS`` (Redis Cluster), TTLs are in milliseconds and every
+lock's value is its owner's token (the job's task id). A script sent ahead is read later
+(:class:`Pending`), on a connection of its own (:mod:`celery_unique.connections`).
 """
 
 from __future__ import annotations
 
-__all__ = ["ACQUIRE_QUEUEING_LOCK", "ENTER_LINE", "LOCK_SCRIPTS", "PEEK_QUEUEING_LOCK",
-           "PUSH_WITH_LOCKS", "READ_LOCKS", "RELEASE_LOCK", "line_keys", "lock_keys"]
+import enum
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
-#: KEYS[1]: the queueing lock's key.
-#: ARGV[1]: the owner's token (the job's task id); ARGV[2]: the lease in milliseconds.
-#: Returns nil when taken, or already held by this owner (its lease is renewed: a retry
-#: re-takes its own lock); else ``{holder's token, holder's PTTL in ms}``. (nil is the
-#: cheapest reply to parse, and acceptance is the hot path.)
-ACQUIRE_QUEUEING_LOCK = """
-local holder = redis.call('GET', KEYS[1])
-if (not holder) or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return false
-end
-return {holder, redis.call('PTTL', KEYS[1])}
-"""
+import redis
+from redis.cluster import RedisCluster
 
-#: KEYS[1]: a lock's key. ARGV[1]: the owner's token.
-#: Returns 1 when deleted, 0 when the key is gone or held by another owner (whose lock is
-#: left alone: a job whose lease expired never deletes its successor's lock).
-RELEASE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+from .connections import CONNECTION_ERRORS, ThreadConnections, keep, unkeep
+from .exceptions import LockStoreUnavailable
+from .keys import line_keys, lock_keys
+from .settings import safe_url
+from .wire import RegistryEntry
 
-# A job takes its place in a lock's line: its ticket, above the last one and the time in
-# µs (see next_seq below). Returns the ticket.
+__all__ = ["Duplicate", "GatedProducer", "GatedRouter", "Grant", "LockReply", "Pending",
+           "Released", "Scripts", "Swept", "Taken", "Woken", "read_keys", "text"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: The synchronous call a reply falls back on: ``run(script, keys, args)``.
+Run = Callable[[Any, list[str], list[Any]], Any]
+
+
+def text(value: Any) -> str:
+    """A Redis reply's bytes as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# -- replies ---------------------------------------------------------------------------
+
+class Duplicate(Exception):
+    """Internal: the queueing lock is held by another job; never leaves apply_async.
+
+    ``Duplicate(holder, pttl)``: the holder's token and its lease left (ms).
+    """
+
+    @property
+    def holder(self) -> str:
+        return str(self.args[0])
+
+    @property
+    def pttl(self) -> int:
+        return int(self.args[1])
+
+
+class Taken(NamedTuple):
+    """A queueing lock's reply."""
+
+    taken: bool  #: taken (or already held by this token: its lease renewed)
+    holder: str  #: the token holding it
+    pttl_ms: int  #: the holder's lease left
+
+    def check(self) -> None:
+        """Raise :class:`Duplicate` unless the lock was taken."""
+        if not self.taken:
+            raise Duplicate(self.holder, self.pttl_ms)
+
+
+class Woken(NamedTuple):
+    """A parked job handed the lock, to publish again."""
+
+    token: str
+    message: str  #: the parked message (:mod:`celery_unique.wire`), ``""`` when pushed
+
+
+class Grant(enum.IntEnum):
+    """What a job asking for its lock (or parking) was told."""
+
+    WAIT = 0  #: held by others: the job waits in line, is re-queued or skipped
+    TAKEN = 1  #: the job holds the lock
+    COPY_HOLDS = 2  #: another copy of this job holds it: wait for it, never beside it
+    RAN = 3  #: this run of the job has ended already: a late copy, to drop
+
+
+class LockReply(NamedTuple):
+    """The reply of :meth:`Store.acquire_lock` and :meth:`Store.park`."""
+
+    grant: Grant
+    fence: int  #: the fence token (:attr:`Grant.TAKEN`), else 0
+    holder: str  #: a holder's token (else ``""``)
+    place: int  #: the job's place in line (0 first), or -1
+    woken: list[Woken]
+
+
+class Released(NamedTuple):
+    """The reply of :meth:`Store.release_lock`."""
+
+    held: bool  #: the job held the lock (else it only left the line, or nothing)
+    woken: list[Woken]
+
+
+class Swept(NamedTuple):
+    """The reply of :meth:`Store.sweep_lock`."""
+
+    next_ms: int  #: ms until the lock needs looking at again; -1: never (nothing parked)
+    woken: list[Woken]
+
+
+def _woken(flat: list[Any]) -> list[Woken]:
+    return [Woken(text(flat[i]), text(flat[i + 1])) for i in range(0, len(flat) - 1, 2)]
+
+
+def _lock_reply(reply: list[Any]) -> LockReply:
+    grant = Grant(int(reply[0]))
+    if grant is Grant.TAKEN:
+        return LockReply(grant, int(reply[1]), "", -1, [])
+    return LockReply(grant, 0, text(reply[1]), int(reply[2]), _woken(reply[3:]))
+
+
+def _taken(token: str, ttl_ms: int) -> Callable[[Any], Taken]:
+    def parse(reply: Any) -> Taken:
+        if reply is None:
+            return Taken(True, token, ttl_ms)
+        return Taken(False, text(reply[0]), int(reply[1]))
+    return parse
+
+
+# -- shared by the scripts -------------------------------------------------------------
+
 _ENTER_LINE_FUNCTION = """
 local function enter_line(line, seq, arrival, token, wait_ms)
   local clock = redis.call('TIME')
@@ -50,74 +144,9 @@ local function enter_line(line, seq, arrival, token, wait_ms)
 end
 """
 
-#: The atomic enqueue (a Redis broker whose server and database hold the locks): the
-#: message is pushed where kombu would push it, with its locks, or not at all.
-#: KEYS[1]: the queue's list (kombu's key, its priority included); then the queueing
-#: lock's key when ARGV[3] is set; then the lock's line, seq and arrival keys when ARGV[4]
-#: is set. ARGV[1]: the message as kombu would push it; ARGV[2]: the owner's token (the
-#: job's task id); ARGV[3]: the queueing lock's lease in ms, or ''; ARGV[4]: the ms the
-#: job may take to reach a worker before its place in line is given up, or ''.
-#: Returns nil when pushed (the queueing lock taken, or already held by this owner, as
-#: ACQUIRE_QUEUEING_LOCK), else ``{holder's token, holder's PTTL}`` and nothing is written.
-PUSH_WITH_LOCKS = _ENTER_LINE_FUNCTION + """
-local token, n = ARGV[2], 1
-if ARGV[3] ~= '' then
-  local holder = redis.call('GET', KEYS[2])
-  if holder and holder ~= token then return {holder, redis.call('PTTL', KEYS[2])} end
-  redis.call('SET', KEYS[2], token, 'PX', ARGV[3])
-  n = 2
-end
-if ARGV[4] ~= '' then enter_line(KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], token, ARGV[4]) end
-redis.call('LPUSH', KEYS[1], ARGV[1])
-return false
-"""
-
-#: KEYS[1]: a queueing lock's key. ARGV[1]: the asking job's token. Reads only: returns
-#: nil when the key is free (or held by this token), else ``{holder, PTTL}``. A hint for
-#: keys found held moments ago; the push script decides.
-PEEK_QUEUEING_LOCK = """
-local holder = redis.call('GET', KEYS[1])
-if (not holder) or holder == ARGV[1] then return false end
-return {holder, redis.call('PTTL', KEYS[1])}
-"""
-
-#: The operator's listing (``celery_unique.admin``): a page of locks of both kinds read in
-#: one command. KEYS: per queueing lock its key; per execution lock its holders, line and
-#: seq keys. ARGV[1]: one letter per lock, in KEYS' order: ``q`` a queueing lock, ``h`` a
-#: lock found by its holders key, ``l`` one found by its line (skipped when it has
-#: holders: the scan lists it by those). Returns one string, the server time in ms, then a
-#: line per lock, ``holder NUL PTTL`` (queueing) or ``waiting NUL seq NUL token NUL
-#: deadline...`` (lock), empty for a lock gone or skipped: one reply to parse, not a
-#: nested array.
-READ_LOCKS = """
-local clock = redis.call('TIME')
-local nul = string.char(0)
-local out = {tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)}
-local k = 1
-for i = 1, #ARGV[1] do
-  local kind = string.sub(ARGV[1], i, i)
-  if kind == 'q' then
-    local holder = redis.call('GET', KEYS[k])
-    out[#out + 1] = holder and (holder .. nul .. redis.call('PTTL', KEYS[k])) or ''
-    k = k + 1
-  else
-    local held = redis.call('ZRANGE', KEYS[k], 0, -1, 'WITHSCORES')
-    local waiting = redis.call('ZCARD', KEYS[k + 1])
-    if (kind == 'l' and #held > 0) or (#held == 0 and waiting == 0) then
-      out[#out + 1] = ''
-    else
-      out[#out + 1] = waiting .. nul .. (redis.call('GET', KEYS[k + 2]) or '') ..
-        (#held > 0 and (nul .. table.concat(held, nul)) or '')
-    end
-    k = k + 3
-  end
-end
-return table.concat(out, string.char(10))
-"""
-
 # -- the execution lock ------------------------------------------------------------------
 #
-# One lock is six keys sharing one hash tag (``lock_keys``):
+# One lock is six keys sharing one hash tag (``keys.lock_keys``):
 #   holders  ZSET token -> lease deadline (ms, server time): the jobs running under it
 #   line     ZSET token -> ticket: jobs waiting, in creation order
 #   parked   HASH token -> message: jobs waiting without a worker slot, to publish again
@@ -125,7 +154,7 @@ return table.concat(out, string.char(10))
 #            after an hour unused, and starts again above the server time in µs
 #   arrival  ZSET token -> deadline: line entries whose job is not parked: on its way to a
 #            worker (deadline: its queueing_lock_timeout) or received by one, which
-#            renews it a lease ahead while it holds the message (``"arrive"``)
+#            renews it a lease ahead while it holds the message (``ARRIVE``)
 #   ran      ZSET "token:retries" -> until (ms): runs that ended on a worker, kept for a
 #            while (the worker says how long) so that a late copy of one of them (a job
 #            published again during an outage, a parked copy woken meanwhile) is dropped
@@ -136,10 +165,10 @@ return table.concat(out, string.char(10))
 # lease. An entry still on its way while a job created after it has reached a worker
 # (its message lost, its worker dead before receiving it) has one lease from then on.
 #
-# A parked message is either a Celery signature to publish again ("content type\n
-# encoding\ndata") or, on the atomic path, kombu's own message ("\x01queue\nmessage"),
-# which a wake pushes onto its queue inside the script when that queue is KEYS[7]: the
-# calling job's own queue, where jobs of one lock usually come from.
+# A parked message (``wire.ParkedMessage``/``ParkedSignature``) is either a Celery
+# signature to publish again or, on the atomic path, kombu's own message
+# ("\x01queue\nmessage"), which a wake pushes onto its queue inside the script when that
+# queue is KEYS[7]: the calling job's own queue, where jobs of one lock usually come from.
 
 #: Shared by the execution lock's scripts. KEYS[1..6]: the lock's keys (above); KEYS[7]
 #: (single server only, maybe ''): the calling job's queue.
@@ -246,148 +275,581 @@ local function arrived(tokens, lease)
 end
 """
 
-#: The execution lock's scripts, each run after :data:`LOCK_PRELUDE`.
-LOCK_SCRIPTS = {
-    # KEYS[8] (optional): the job's queueing lock, released when the lock is taken.
-    # ARGV: token, limit, lease ms, on_locked ("order", "retry" or "skip"), wait ms
-    # (unused: a job that asked keeps its place a lease ahead while it asks), '1' when
-    # this process asks again after losing the reply to its own ask, and the run's
-    # "token:retries" ('' in eager mode).
-    # Returns {1, fence, woken...} when taken (or already handed to this job); {2, token,
-    # -1} when another copy of this job holds it (see below); {3, token, -1} when this run
-    # of the job has ended already (a late copy: it is dropped); else {0, a holder's token,
-    # place in line or -1, woken...}; woken: {token, message} pairs of parked jobs handed
-    # the lock, for the caller to publish again.
-    "acquire": """
-local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-expire()
-local function grant()
-  redis.call('ZREM', KW, token)
-  redis.call('ZREM', KE, token)
-  redis.call('HDEL', KP, token)
-  redis.call('ZADD', KH, now + lease, token)
-  if KEYS[8] and redis.call('GET', KEYS[8]) == token then redis.call('DEL', KEYS[8]) end
-  return {1, next_seq()}
-end
-if ARGV[7] and ARGV[7] ~= '' then
-  local until_ms = redis.call('ZSCORE', KR, ARGV[7])
-  if until_ms and tonumber(until_ms) > now then return {3, token, -1} end
-end
-if redis.call('ZSCORE', KH, token) then
-  -- Its own when it was handed the lock (its parked message is still here) or when this
-  -- process took it before losing the reply. Else a copy of the job holds it (the broker
-  -- gave a message back, a job was published again during an outage): never beside it.
-  if ARGV[6] == '1' or redis.call('HEXISTS', KP, token) == 1 then return grant() end
-  return {2, token, -1}
-end
-local free = limit - redis.call('ZCARD', KH)
-if ARGV[4] ~= 'order' then
-  if free > 0 then return grant() end
-  return {0, holder(), -1}
-end
-if not redis.call('ZSCORE', KW, token) then
-  redis.call('ZADD', KW, next_seq(), token)
-end
-if free > 0 then
-  for _, t in ipairs(front(free)) do
-    if t == token then return grant() end
-  end
-end
--- At a worker now (it parks next, or asks again in eager mode): a lease ahead.
-redis.call('ZADD', KE, now + lease, token)
-arrived({token}, lease)
-return wake(limit, lease, {0, holder(), redis.call('ZRANK', KW, token)})
-""",
-    # A waiting job leaves its message and its worker slot. ARGV: token, limit, lease ms,
-    # message, the lock's base. KEYS[8] (single server): the sweepers' registry. Returns
-    # {0, a holder's token, place in line, woken...}; a place freed since the job asked is
-    # handed to the front of the line, this job included, at once.
-    "park": """
-local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-expire()
-if not redis.call('ZSCORE', KW, token) then
-  redis.call('ZADD', KW, next_seq(), token)
-end
-redis.call('ZREM', KE, token)
-redis.call('HSET', KP, token, ARGV[4])
-if KEYS[8] then
-  -- Registered for the sweepers in the same script: a parked job is never left where
-  -- no sweep looks, whatever fails after this.
-  redis.call('ZADD', KEYS[8], now + lease, ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[5])
-end
-return wake(limit, lease, {0, holder(), redis.call('ZRANK', KW, token) or -1})
-""",
-    # A job ends, or leaves the line (revoked, expired, its publish failed).
-    # ARGV: token, limit, lease ms; for a run that ended on a worker, its "token:retries"
-    # and how long (ms) to remember it ran. Returns {1 if it held the lock else 0,
-    # woken...}.
-    "release": """
-local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-expire()
-local held = redis.call('ZREM', KH, token)
-redis.call('ZREM', KW, token)
-redis.call('ZREM', KE, token)
-redis.call('HDEL', KP, token)
-if ARGV[4] and ARGV[4] ~= '' then
-  local keep = tonumber(ARGV[5])
-  redis.call('ZREMRANGEBYSCORE', KR, '-inf', now)
-  redis.call('ZADD', KR, now + keep, ARGV[4])
-  if redis.call('PTTL', KR) < keep then redis.call('PEXPIRE', KR, keep) end
-end
-return wake(limit, lease, {held})
-""",
-    # From the worker holding received messages not yet started: ARGV: lease ms, tokens.
-    "arrive": """
-local tokens = {}
-for i = 2, #ARGV do tokens[#tokens + 1] = ARGV[i] end
-arrived(tokens, tonumber(ARGV[1]))
-return 0
-""",
-    # ARGV: token, lease ms. Returns 1 when the lease was renewed, 0 when it was lost.
-    "extend": """
-if redis.call('ZSCORE', KH, ARGV[1]) then
-  redis.call('ZADD', KH, 'XX', now + tonumber(ARGV[2]), ARGV[1])
-  return 1
-end
-return 0
-""",
-    # Periodic, from the workers that use locks: hands places freed by expired leases to
-    # parked jobs.
-    # ARGV: limit, lease ms. Returns {ms until the next check or -1 when none is needed,
-    # woken...}.
-    "sweep": """
-local limit, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
-expire()
-local out = wake(limit, lease, {-1})
-if redis.call('HLEN', KP) > 0 then
-  local next_at = nil
-  local first = redis.call('ZRANGE', KH, 0, 0, 'WITHSCORES')
-  if first[2] then next_at = tonumber(first[2]) end
-  local arrival = redis.call('ZRANGE', KE, 0, 0, 'WITHSCORES')
-  if arrival[2] and (not next_at or tonumber(arrival[2]) < next_at) then
-    next_at = tonumber(arrival[2])
-  end
-  out[1] = math.max(0, (next_at or now + lease) - now)
-end
-return out
-""",
-}
 
-#: At enqueue, a job takes its place in its lock's line ("order"): creation order.
-#: KEYS: the lock's line, seq and arrival keys. ARGV: token, ms it may take to reach a
-#: worker (then its place is given up). Returns its ticket.
-ENTER_LINE = _ENTER_LINE_FUNCTION + """
-return enter_line(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
-"""
+class Scripts:
+    """One typed method per Lua script, each beside its script; methods are one round
+    trip each. :class:`~celery_unique.store.Store` is this with the app's client."""
+
+    def __init__(self, client: Any, url: str) -> None:
+        self.client, self.url = client, url
+        #: A Redis Cluster client: no script touches keys of two hash slots.
+        self.cluster = isinstance(client, RedisCluster)
+        register = client.register_script
+        self._acquire_queueing = register(self.ACQUIRE_QUEUEING_LOCK)
+        self._peek_queueing = register(self.PEEK_QUEUEING_LOCK)
+        self._release_queueing = register(self.RELEASE_QUEUEING_LOCK)
+        self._push = register(self.PUSH_WITH_LOCKS)  # run on kombu's client, not ours
+        self._enter_line = register(self.ENTER_LINE)
+        self._acquire_lock = register(self.ACQUIRE_LOCK)
+        self._park = register(self.PARK)
+        self._release_lock = register(self.RELEASE_LOCK)
+        self._arrive = register(self.ARRIVE)
+        self._extend = register(self.EXTEND_LOCK)
+        self._sweep = register(self.SWEEP_LOCK)
+        self._read_locks = register(self.READ_LOCKS)
+        # Sending ahead needs a connection of our own from the pool, which a
+        # single-connection client does not lend.
+        pool = None if getattr(client, "connection", None) else getattr(
+            client, "connection_pool", None)
+        # redis-py < 5.1 requires a command name that later versions deprecate.
+        self._pool_args: tuple[str, ...] = ()
+        if pool is not None:
+            param = inspect.signature(pool.get_connection).parameters.get("command_name")
+            if param is not None and param.default is inspect.Parameter.empty:
+                self._pool_args = ("EVALSHA",)
+        #: Sending ahead takes its connections here.
+        self.conns = None if pool is None else ThreadConnections(pool, self._pool_args)
+
+    # -- the queueing lock ------------------------------------------------------------
+
+    #: KEYS[1]: the queueing lock's key.
+    #: ARGV[1]: the owner's token (the job's task id); ARGV[2]: the lease in milliseconds.
+    #: Returns nil when taken, or already held by this owner (its lease is renewed: a retry
+    #: re-takes its own lock); else ``{holder's token, holder's PTTL in ms}``. (nil is the
+    #: cheapest reply to parse, and acceptance is the hot path.)
+    ACQUIRE_QUEUEING_LOCK = """
+    local holder = redis.call('GET', KEYS[1])
+    if (not holder) or holder == ARGV[1] then
+      redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+      return false
+    end
+    return {holder, redis.call('PTTL', KEYS[1])}
+    """
+
+    def acquire_queueing_lock(self, key: str, token: str, ttl_ms: int) -> Taken:
+        """Take ``key`` for ``token`` (:data:`ACQUIRE_QUEUEING_LOCK`)."""
+        return self.send_acquire_queueing_lock(key, token, ttl_ms, now=True).result()
+
+    def send_acquire_queueing_lock(self, key: str, token: str, ttl_ms: int, *,
+                                   now: bool = False) -> Pending[Taken]:
+        """:meth:`acquire_queueing_lock` sent now, its reply read later (``now``: read)."""
+        args = [key], [token, ttl_ms]
+        if now:
+            pending = Pending(self._run, self._acquire_queueing, *args, _taken(token, ttl_ms))
+            pending.result()
+            return pending
+        return send(self.conns, self._run, self._acquire_queueing, *args,
+                    _taken(token, ttl_ms))
+
+    #: KEYS[1]: a queueing lock's key. ARGV[1]: the asking job's token. Reads only: returns
+    #: nil when the key is free (or held by this token), else ``{holder, PTTL}``. A hint for
+    #: keys found held moments ago; the push script decides.
+    PEEK_QUEUEING_LOCK = """
+    local holder = redis.call('GET', KEYS[1])
+    if (not holder) or holder == ARGV[1] then return false end
+    return {holder, redis.call('PTTL', KEYS[1])}
+    """
+
+    def send_peek_queueing_lock(self, key: str, token: str) -> Pending[Taken]:
+        """:data:`PEEK_QUEUEING_LOCK` sent now; its reply parses as an acquire's."""
+        return send(self.conns, self._run, self._peek_queueing, [key], [token],
+                    _taken(token, 0))
+
+    #: KEYS[1]: a lock's key. ARGV[1]: the owner's token.
+    #: Returns 1 when deleted, 0 when the key is gone or held by another owner (whose lock is
+    #: left alone: a job whose lease expired never deletes its successor's lock).
+    RELEASE_QUEUEING_LOCK = """
+    if redis.call('GET', KEYS[1]) == ARGV[1] then
+      return redis.call('DEL', KEYS[1])
+    end
+    return 0
+    """
+
+    def release(self, key: str, token: str) -> bool:
+        """Delete the queueing lock ``key`` if ``token`` holds it."""
+        return bool(self._run(self._release_queueing, [key], [token]))
+
+    def release_quietly(self, key: str, token: str, why: str) -> None:
+        """:meth:`release`, logging instead of raising: for paths that must not fail a job."""
+        try:
+            self.release(key, token)
+        except Exception:
+            logger.exception("celery-unique: could not release %s (%s) for %s", key, why,
+                             token)
+
+    #: The atomic enqueue (a Redis broker whose server and database hold the locks): the
+    #: message is pushed where kombu would push it, with its locks, or not at all.
+    #: KEYS[1]: the queue's list (kombu's key, its priority included); then the queueing
+    #: lock's key when ARGV[3] is set; then the lock's line, seq and arrival keys when ARGV[4]
+    #: is set. ARGV[1]: the message as kombu would push it; ARGV[2]: the owner's token (the
+    #: job's task id); ARGV[3]: the queueing lock's lease in ms, or ''; ARGV[4]: the ms the
+    #: job may take to reach a worker before its place in line is given up, or ''.
+    #: Returns nil when pushed (the queueing lock taken, or already held by this owner, as
+    #: ACQUIRE_QUEUEING_LOCK), else ``{holder's token, holder's PTTL}`` and nothing is written.
+    PUSH_WITH_LOCKS = _ENTER_LINE_FUNCTION + """
+    local token, n = ARGV[2], 1
+    if ARGV[3] ~= '' then
+      local holder = redis.call('GET', KEYS[2])
+      if holder and holder ~= token then return {holder, redis.call('PTTL', KEYS[2])} end
+      redis.call('SET', KEYS[2], token, 'PX', ARGV[3])
+      n = 2
+    end
+    if ARGV[4] ~= '' then enter_line(KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], token, ARGV[4]) end
+    redis.call('LPUSH', KEYS[1], ARGV[1])
+    return false
+    """
+
+    def push_with_locks(self, client: Any, owner: Any, *, queue: str, message: str,
+                        token: str, queueing_key: str | None, ttl_ms: int,
+                        line_base: str | None, wait_ms: int) -> Taken:
+        """Push ``message`` onto kombu's ``queue`` with its locks (:data:`PUSH_WITH_LOCKS`),
+        on kombu's ``client`` (the broker's server, which is ours); ``owner`` keeps the
+        connection between calls (see :func:`~celery_unique.connections.run_on`)."""
+        keys, args = [queue], [message, token, "", ""]
+        if queueing_key:
+            keys.append(queueing_key)
+            args[2] = str(ttl_ms)
+        if line_base is not None:
+            keys.extend(line_keys(line_base))
+            args[3] = str(wait_ms)
+        reply = run_on(client, self._pool_args, self._push, keys, args, owner)
+        return _taken(token, ttl_ms)(reply)
+
+    #: At enqueue, a job takes its place in its lock's line ("order"): creation order.
+    #: KEYS: the lock's line, seq and arrival keys. ARGV: token, ms it may take to reach a
+    #: worker (then its place is given up). Returns its ticket.
+    ENTER_LINE = _ENTER_LINE_FUNCTION + """
+    return enter_line(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
+    """
+
+    def enter_line(self, base: str, token: str, wait_ms: int) -> int:
+        """Take ``token``'s place in the line of ``base`` (:data:`ENTER_LINE`): its ticket."""
+        return self.send_enter_line(base, token, wait_ms).result()
+
+    def send_enter_line(self, base: str, token: str, wait_ms: int) -> Pending[int]:
+        """:meth:`enter_line` sent now, its reply read later."""
+        return send(self.conns, self._run, self._enter_line, line_keys(base),
+                    [token, wait_ms], int)
+
+    def take_locks(self, token: str, queueing_key: str | None, ttl_ms: int,
+                   line_base: str | None, wait_ms: int) -> Taken:
+        """The locks of a message kombu pushes itself: the queueing lock (if any), then,
+        when it was taken, the place in the line of ``line_base`` (two round trips)."""
+        taken = Taken(True, token, ttl_ms)
+        if queueing_key:
+            taken = self.acquire_queueing_lock(queueing_key, token, ttl_ms)
+        if taken.taken and line_base is not None:
+            self.enter_line(line_base, token, wait_ms)
+        return taken
+
+    #: A job at a worker asks for its lock. KEYS: the prelude's; KEYS[8] (single server,
+    #: optional): the job's queueing lock, released when the lock is taken.
+    #: ARGV: token, limit, lease ms, on_locked ("order", "retry" or "skip"), wait ms (unused:
+    #: a job that asked keeps its place a lease ahead while it asks), '1' when this process
+    #: asks again after losing the reply to its own ask, and the run's "token:retries" (''
+    #: in eager mode).
+    #: Returns {1, fence} when taken (or already handed to this job); {2, token, -1} when
+    #: another copy of this job holds it (see below); {3, token, -1} when this run of the job
+    #: has ended already (a late copy: it is dropped); else {0, a holder's token, place in
+    #: line or -1, woken...}; woken: {token, message} pairs of parked jobs handed the lock,
+    #: for the caller to publish again (:class:`Grant`, :class:`LockReply`).
+    ACQUIRE_LOCK = LOCK_PRELUDE + """
+    local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+    expire()
+    local function grant()
+      redis.call('ZREM', KW, token)
+      redis.call('ZREM', KE, token)
+      redis.call('HDEL', KP, token)
+      redis.call('ZADD', KH, now + lease, token)
+      if KEYS[8] and redis.call('GET', KEYS[8]) == token then redis.call('DEL', KEYS[8]) end
+      return {1, next_seq()}
+    end
+    if ARGV[7] and ARGV[7] ~= '' then
+      local until_ms = redis.call('ZSCORE', KR, ARGV[7])
+      if until_ms and tonumber(until_ms) > now then return {3, token, -1} end
+    end
+    if redis.call('ZSCORE', KH, token) then
+      -- Its own when it was handed the lock (its parked message is still here) or when this
+      -- process took it before losing the reply. Else a copy of the job holds it (the broker
+      -- gave a message back, a job was published again during an outage): never beside it.
+      if ARGV[6] == '1' or redis.call('HEXISTS', KP, token) == 1 then return grant() end
+      return {2, token, -1}
+    end
+    local free = limit - redis.call('ZCARD', KH)
+    if ARGV[4] ~= 'order' then
+      if free > 0 then return grant() end
+      return {0, holder(), -1}
+    end
+    if not redis.call('ZSCORE', KW, token) then
+      redis.call('ZADD', KW, next_seq(), token)
+    end
+    if free > 0 then
+      for _, t in ipairs(front(free)) do
+        if t == token then return grant() end
+      end
+    end
+    -- At a worker now (it parks next, or asks again in eager mode): a lease ahead.
+    redis.call('ZADD', KE, now + lease, token)
+    arrived({token}, lease)
+    return wake(limit, lease, {0, holder(), redis.call('ZRANK', KW, token)})
+    """
+
+    def acquire_lock(self, base: str, *, token: str, limit: int, lease_ms: int, mode: str,
+                     wait_ms: int, asks_again: bool = False, run: str = "",
+                     queueing_key: str | None = None, queue: str | None = None
+                     ) -> LockReply:
+        """A job at a worker asks for the lock ``base`` (:data:`ACQUIRE_LOCK`).
+
+        ``asks_again``: this process lost the reply to its own ask; ``run``: the run's id
+        (``wire.run_id``), '' in eager mode; ``queueing_key``: the job's queueing lock,
+        released when the lock is taken; ``queue``: the job's queue, where parked kombu
+        messages woken are pushed.
+        """
+        keys = self._lock_keys(base, queue, queueing_key)
+        reply = _lock_reply(self._run(self._acquire_lock, keys, [
+            token, limit, lease_ms, mode, wait_ms, "1" if asks_again else "0", run]))
+        if queueing_key and self.cluster and reply.grant is Grant.TAKEN:
+            # On a cluster the two keys live in different slots, which one script may not
+            # touch: one more round trip, still owner-checked. The lock is taken by now,
+            # so a failure here is logged, and the queueing lock's lease runs out.
+            self.release_quietly(queueing_key, token, "lock taken")
+        return reply
+
+    #: A waiting job leaves its message and its worker slot. KEYS: the prelude's; KEYS[8]
+    #: (single server): the sweepers' registry. ARGV: token, limit, lease ms, message, the
+    #: lock's registry entry (``wire.RegistryEntry.member``). Returns {0, a holder's token,
+    #: place in line, woken...}; a place freed since the job asked is handed to the front of
+    #: the line, this job included, at once.
+    PARK = LOCK_PRELUDE + """
+    local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+    expire()
+    if not redis.call('ZSCORE', KW, token) then
+      redis.call('ZADD', KW, next_seq(), token)
+    end
+    redis.call('ZREM', KE, token)
+    redis.call('HSET', KP, token, ARGV[4])
+    if KEYS[8] then
+      -- Registered for the sweepers in the same script: a parked job is never left where
+      -- no sweep looks, whatever fails after this.
+      redis.call('ZADD', KEYS[8], now + lease, ARGV[5])
+    end
+    return wake(limit, lease, {0, holder(), redis.call('ZRANK', KW, token) or -1})
+    """
+
+    def park(self, base: str, *, token: str, limit: int, lease_ms: int, message: str,
+             queue: str | None = None, registry: str | None = None) -> LockReply:
+        """Keep the waiting job's ``message`` in line (:data:`PARK`), registering the lock
+        for the sweepers in ``registry`` (not on a Cluster: see :meth:`register`)."""
+        keys = self._lock_keys(base, queue, registry)
+        entry = RegistryEntry(limit, lease_ms, base).member()
+        return _lock_reply(self._run(self._park, keys, [token, limit, lease_ms, message,
+                                                        entry]))
+
+    #: A job ends, or leaves the line (revoked, expired, its publish failed). KEYS: the
+    #: prelude's. ARGV: token, limit, lease ms; for a run that ended on a worker, its
+    #: "token:retries" and how long (ms) to remember it ran. Returns {1 if it held the lock
+    #: else 0, woken...}.
+    RELEASE_LOCK = LOCK_PRELUDE + """
+    local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+    expire()
+    local held = redis.call('ZREM', KH, token)
+    redis.call('ZREM', KW, token)
+    redis.call('ZREM', KE, token)
+    redis.call('HDEL', KP, token)
+    if ARGV[4] and ARGV[4] ~= '' then
+      local keep = tonumber(ARGV[5])
+      redis.call('ZREMRANGEBYSCORE', KR, '-inf', now)
+      redis.call('ZADD', KR, now + keep, ARGV[4])
+      if redis.call('PTTL', KR) < keep then redis.call('PEXPIRE', KR, keep) end
+    end
+    return wake(limit, lease, {held})
+    """
+
+    def release_lock(self, base: str, *, token: str, limit: int, lease_ms: int,
+                     queue: str | None = None, ran: str = "", remember_ms: int = 0
+                     ) -> Released:
+        """The job ``token`` ends or leaves the line (:data:`RELEASE_LOCK`). ``ran``: the
+        run that ended on a worker, remembered ``remember_ms`` so a late copy is dropped."""
+        args: list[Any] = [token, limit, lease_ms]
+        if ran:
+            args += [ran, remember_ms]
+        reply = self._run(self._release_lock, self._lock_keys(base, queue), args)
+        return Released(bool(reply[0]), _woken(reply[1:]))
+
+    #: From the worker holding received messages not yet started. KEYS: the prelude's.
+    #: ARGV: lease ms, tokens. Returns 0.
+    ARRIVE = LOCK_PRELUDE + """
+    local tokens = {}
+    for i = 2, #ARGV do tokens[#tokens + 1] = ARGV[i] end
+    arrived(tokens, tonumber(ARGV[1]))
+    return 0
+    """
+
+    def arrive(self, base: str, *, lease_ms: int, tokens: list[str]) -> None:
+        """Keep the places of jobs a worker holds a lease ahead (:data:`ARRIVE`)."""
+        self._run(self._arrive, lock_keys(base), [lease_ms, *tokens])
+
+    #: KEYS: the prelude's. ARGV: token, lease ms. Returns 1 when the lease was renewed, 0
+    #: when it was lost.
+    EXTEND_LOCK = LOCK_PRELUDE + """
+    if redis.call('ZSCORE', KH, ARGV[1]) then
+      redis.call('ZADD', KH, 'XX', now + tonumber(ARGV[2]), ARGV[1])
+      return 1
+    end
+    return 0
+    """
+
+    def extend(self, base: str, *, token: str, lease_ms: int) -> bool:
+        """Renew ``token``'s lease (:data:`EXTEND_LOCK`); False when it was lost."""
+        return bool(self._run(self._extend, lock_keys(base), [token, lease_ms]))
+
+    #: Periodic, from the workers that use locks: hands places freed by expired leases to
+    #: parked jobs. KEYS: the prelude's. ARGV: limit, lease ms. Returns {ms until the next
+    #: check or -1 when none is needed, woken...}.
+    SWEEP_LOCK = LOCK_PRELUDE + """
+    local limit, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
+    expire()
+    local out = wake(limit, lease, {-1})
+    if redis.call('HLEN', KP) > 0 then
+      local next_at = nil
+      local first = redis.call('ZRANGE', KH, 0, 0, 'WITHSCORES')
+      if first[2] then next_at = tonumber(first[2]) end
+      local arrival = redis.call('ZRANGE', KE, 0, 0, 'WITHSCORES')
+      if arrival[2] and (not next_at or tonumber(arrival[2]) < next_at) then
+        next_at = tonumber(arrival[2])
+      end
+      out[1] = math.max(0, (next_at or now + lease) - now)
+    end
+    return out
+    """
+
+    def sweep_lock(self, base: str, *, limit: int, lease_ms: int) -> Swept:
+        """Hand places freed by expired leases to parked jobs (:data:`SWEEP_LOCK`)."""
+        reply = self._run(self._sweep, lock_keys(base), [limit, lease_ms])
+        return Swept(int(reply[0]), _woken(reply[1:]))
+
+    #: The operator's listing (``celery_unique.admin``): a page of locks of both kinds read in
+    #: one command. KEYS: per queueing lock its key; per execution lock its holders, line and
+    #: seq keys. ARGV[1]: one letter per lock, in KEYS' order: ``q`` a queueing lock, ``h`` a
+    #: lock found by its holders key, ``l`` one found by its line (skipped when it has
+    #: holders: the scan lists it by those). Returns one string, the server time in ms, then a
+    #: line per lock, ``holder NUL PTTL`` (queueing) or ``waiting NUL seq NUL token NUL
+    #: deadline...`` (lock), empty for a lock gone or skipped: one reply to parse, not a
+    #: nested array.
+    READ_LOCKS = """
+    local clock = redis.call('TIME')
+    local nul = string.char(0)
+    local out = {tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)}
+    local k = 1
+    for i = 1, #ARGV[1] do
+      local kind = string.sub(ARGV[1], i, i)
+      if kind == 'q' then
+        local holder = redis.call('GET', KEYS[k])
+        out[#out + 1] = holder and (holder .. nul .. redis.call('PTTL', KEYS[k])) or ''
+        k = k + 1
+      else
+        local held = redis.call('ZRANGE', KEYS[k], 0, -1, 'WITHSCORES')
+        local waiting = redis.call('ZCARD', KEYS[k + 1])
+        if (kind == 'l' and #held > 0) or (#held == 0 and waiting == 0) then
+          out[#out + 1] = ''
+        else
+          out[#out + 1] = waiting .. nul .. (redis.call('GET', KEYS[k + 2]) or '') ..
+            (#held > 0 and (nul .. table.concat(held, nul)) or '')
+        end
+        k = k + 3
+      end
+    end
+    return table.concat(out, string.char(10))
+    """
+
+    def read_locks(self, entries: list[tuple[str, str]]) -> tuple[int, list[list[str] | None]]:
+        """The locks ``entries`` name (``(letter, key)``, :data:`READ_LOCKS`' letters) in
+        one command: the server time (ms) and a row per lock (None: gone, or listed by its
+        holders)."""
+        keys = [k for letter, key in entries for k in read_keys(letter, key)]
+        reply = text(self._run(self._read_locks, keys, ["".join(e[0] for e in entries)]))
+        first, *lines = reply.split("\n")
+        return int(first), [line.split("\0") if line else None for line in lines]
+
+    def _lock_keys(self, base: str, queue: str | None, extra: str | None = None
+                   ) -> list[str]:
+        # KEYS[7] and KEYS[8] live in other hash slots: never on a Cluster.
+        keys = lock_keys(base)
+        if not self.cluster:
+            keys.append(queue or "")
+            if extra:
+                keys.append(extra)
+        return keys
+
+    def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return script(keys=keys, args=args, client=self.client)
+        except CONNECTION_ERRORS as exc:
+            raise LockStoreUnavailable(
+                f"cannot reach the lock store at {safe_url(self.url)}: {exc}",
+                url=safe_url(self.url),
+            ) from exc
 
 
-def lock_keys(base: str) -> list[str]:
-    """The keys of one execution lock, in the order :data:`LOCK_PRELUDE` names them."""
-    return [f"{base}:{suffix}"
-            for suffix in ("holders", "line", "parked", "seq", "arrival", "ran")]
+class Pending(Generic[T]):
+    """A script whose command is sent now and whose reply is read later.
+
+    The round trip then overlaps whatever the caller does in between (Celery building
+    its message). :meth:`result` reads the reply once; a connection error, or a script
+    the server does not know yet, falls back to the synchronous call. Every script sent
+    this way is safe to repeat.
+    """
+
+    __slots__ = ("_args", "_conn", "_conns", "_keys", "_parse", "_reply", "_run", "_script")
+
+    def __init__(self, run: Run, script: Any, keys: list[str], args: list[Any],
+                 parse: Callable[[Any], T]) -> None:
+        self._run, self._script, self._keys, self._args = run, script, keys, args
+        self._parse = parse
+        #: The connection the command was sent on, and where it goes back (:func:`send`).
+        self._conn: Any = None
+        self._conns: Any = None
+        self._reply: Any = _UNREAD
+
+    def result(self) -> T:
+        """The parsed reply."""
+        if self._reply is not _UNREAD:
+            return cast(T, self._reply)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                reply = conn.read_response()
+            except redis.ResponseError:  # NOSCRIPT: the server restarted or was flushed
+                self._conns.give_back(conn)
+            except BaseException as exc:
+                # A broken connection must not be used again with a reply unread.
+                conn.disconnect()
+                self._conns.give_back(conn)
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                self._conns.give_back(conn)
+                self._reply = parsed = self._parse(reply)
+                return parsed
+        self._reply = parsed = self._parse(self._run(self._script, self._keys, self._args))
+        return parsed
+
+    def settle(self) -> T | None:
+        """Read the reply if still unread; None when it cannot be read. Never raises."""
+        if self._reply is _UNREAD and self._conn is None:
+            return None  # reading it failed, and the caller has been told
+        try:
+            return self.result()
+        except Exception:
+            logger.exception("celery-unique: could not read the reply for %s", self._keys)
+            return None
 
 
-def line_keys(base: str) -> list[str]:
-    """The keys :data:`ENTER_LINE` takes: the lock's line, seq and arrival."""
-    keys = lock_keys(base)
-    return [keys[1], keys[3], keys[4]]
+_UNREAD = object()
+
+
+def send(conns: ThreadConnections | None, run: Run, script: Any, keys: list[str],
+         args: list[Any], parse: Callable[[Any], T]) -> Pending[T]:
+    """Send ``script`` now on a connection of its own; :meth:`Pending.result` reads it."""
+    pending = Pending(run, script, keys, args, parse)
+    if conns is None:
+        pending.result()
+        return pending
+    try:
+        conn = conns.take()
+    except CONNECTION_ERRORS:
+        pending.result()
+        return pending
+    try:
+        conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+    except Exception:
+        # A stale connection (the server restarted): the client's own retry decides.
+        conn.disconnect()
+        conns.give_back(conn)
+        pending.result()
+        return pending
+    pending._conn, pending._conns = conn, conns
+    return pending
+
+
+def run_on(client: Any, pool_args: tuple[str, ...], script: Any, keys: list[str],
+           args: list[Any], owner: Any = None) -> Any:
+    """Run ``script`` on another client's server (kombu's, for the broker hook).
+
+    The command goes straight onto one of the client's pooled connections: a client
+    call costs more than the lock's own work. ``owner``, an object used by one thread
+    at a time (kombu's channel, lent by Celery's producer pool), keeps the connection
+    between calls: checking one out costs a health check. Never a thread: kombu's
+    channel lends 10 connections, to every thread that publishes on it. Anything but
+    a clean reply goes through the client's own call, with its retries (a script
+    repeated is safe).
+    """
+    pool = client.connection_pool
+    conn = unkeep(owner, pool)
+    try:
+        if conn is None:
+            conn = pool.get_connection(*pool_args)
+    except CONNECTION_ERRORS:
+        return script(keys=keys, args=args, client=client)
+    try:
+        conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        reply = conn.read_response()
+    except redis.ResponseError:  # NOSCRIPT: the server restarted or was flushed
+        keep(owner, pool, conn)
+        return script(keys=keys, args=args, client=client)
+    except BaseException as exc:
+        conn.disconnect()  # a reply may be left unread: never used again as it is
+        pool.release(conn)
+        if isinstance(exc, CONNECTION_ERRORS):  # a stale connection: the client retries
+            return script(keys=keys, args=args, client=client)
+        raise
+    keep(owner, pool, conn)
+    return reply
+
+
+# -- a reply read where Celery first needs the message -----------------------------------
+
+class GatedRouter:
+    """The router Celery gets for one message: routing, the first thing Celery does with
+    a message, waits for the lock's reply and stops the message on a duplicate
+    (:class:`Duplicate`); ``then`` runs once the lock is taken."""
+
+    __slots__ = ("_pending", "_router", "_then")
+
+    def __init__(self, router: Any, pending: Pending[Taken],
+                 then: Callable[[], None] | None = None) -> None:
+        self._router, self._pending, self._then = router, pending, then
+
+    def route(self, *args: Any, **kwargs: Any) -> Any:
+        self._pending.result().check()
+        if self._then is not None:
+            self._then()
+        return self._router.route(*args, **kwargs)
+
+
+class GatedProducer:
+    """The producer Celery gets: its first use (``P.connection``, right after Celery has
+    built the message) waits for the lock's reply and stops the publish on a duplicate;
+    ``then`` runs once the lock is taken."""
+
+    __slots__ = ("_pending", "_producer", "_then")
+
+    def __init__(self, producer: Any, pending: Pending[Taken],
+                 then: Callable[[], None]) -> None:
+        self._producer, self._then = producer, then
+        self._pending: Pending[Taken] | None = pending
+
+    def __getattr__(self, name: str) -> Any:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            pending.result().check()
+            self._then()
+        return getattr(self._producer, name)
+
+
+def read_keys(letter: str, key: str) -> list[str]:
+    if letter == "q":
+        return [key]
+    holders, line, _, seq, *_ = lock_keys(key)
+    return [holders, line, seq]

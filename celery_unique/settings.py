@@ -6,18 +6,19 @@ Precedence for every option: per call, then per task (decorator, class attribute
 
 from __future__ import annotations
 
-import datetime
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
 from celery import Celery
 
 from .exceptions import ConfigurationError
-from .keys import LockSpec
+from .keys import CompiledSpec, LockSpec, build_key
+from .wire import JobHeader, Lock
 
-__all__ = ["DEFAULTS", "UniqueOptions", "redis_url", "setting"]
+__all__ = ["DEFAULTS", "Resolved", "UniqueOptions", "redis_url", "setting"]
 
 ON_DUPLICATE = ("raise", "existing")
 ON_LOCKED = ("order", "retry", "skip")
@@ -57,6 +58,62 @@ class UniqueOptions(TypedDict, total=False):
 
 #: Options taken out of ``apply_async``'s keyword arguments.
 CALL_OPTIONS = frozenset(UniqueOptions.__annotations__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """A task's value options, the app's settings filled in where the task sets none:
+    resolved once when Celery binds the task (as Celery resolves its own task settings),
+    and per call only for the options a call sets."""
+
+    key_prefix: str = DEFAULTS["unique_key_prefix"]
+    on_duplicate: str = DEFAULTS["unique_on_duplicate"]
+    queueing_lock_timeout: float = DEFAULTS["unique_queueing_lock_timeout"]
+    queueing_lock_until: str = DEFAULTS["unique_queueing_lock_until"]
+    on_locked: str = DEFAULTS["unique_on_locked"]
+    lock_limit: int = 1
+    lock_timeout: float = DEFAULTS["unique_lock_timeout"]
+    on_store_error: str = DEFAULTS["unique_on_store_error"]
+
+    @classmethod
+    def for_task(cls, app: Celery, per_task: Mapping[str, Any]) -> Resolved:
+        """``per_task``'s values, else the app's settings (``unique_`` + the name)."""
+        values: dict[str, Any] = {name: per_task.get(name) for name in _RESOLVED}
+        for name, value in values.items():
+            if value is None and name != "lock_limit":
+                values[name] = setting(app, f"unique_{name}")
+        values["lock_limit"] = values["lock_limit"] or 1
+        return cls(**values)
+
+    def with_call(self, per_call: Mapping[str, Any]) -> Resolved:
+        """These options with a call's own (checked already) in their place."""
+        values = {k: v for k, v in per_call.items() if v is not None and k in _RESOLVED}
+        return dataclasses.replace(self, **values) if values else self
+
+    def header(self, task_name: str, queueing: CompiledSpec | None, lock: CompiledSpec | None,
+               args: Sequence[Any], kwargs: Mapping[str, Any], policy: str) -> JobHeader:
+        """A job's locks, its keys rendered from its arguments; ``policy``: the task's own
+        ``on_store_error`` (the header names the job's only when it differs)."""
+        held = None if lock is None else self.lock(task_name, lock, args, kwargs)
+        key = None if queueing is None else build_key(
+            self.key_prefix, "q", task_name, queueing.render(args, kwargs))
+        return JobHeader(
+            key, int(self.queueing_lock_timeout * 1000) if key else 0,
+            self.queueing_lock_until if key else None, held,
+            None if self.on_store_error == policy else self.on_store_error)
+
+    def lock(self, task_name: str, spec: CompiledSpec, args: Sequence[Any],
+             kwargs: Mapping[str, Any]) -> Lock:
+        """The execution lock for these arguments."""
+        # A string or callable names a shared resource: no task name in the key, so
+        # different tasks exclude each other. True is scoped to this task.
+        scope = task_name if spec.kind == "all" else ""
+        return Lock(build_key(self.key_prefix, "l", scope, spec.render(args, kwargs)),
+                    self.on_locked, int(self.lock_limit), int(self.lock_timeout * 1000),
+                    int(self.queueing_lock_timeout * 1000))
+
+
+_RESOLVED = frozenset(f.name for f in dataclasses.fields(Resolved))
 
 
 def setting(app: Celery, name: str) -> Any:
@@ -163,16 +220,3 @@ def check_settings(app: Celery) -> None:
             f"{where}: unique_redis_options must be a dict, got {options!r}",
             option="unique_redis_options", value=options, where=where,
         )
-
-
-def wait_seconds(countdown: Any, eta: Any) -> float:
-    """How long a message waits before it may run (``countdown`` or ``eta``)."""
-    if countdown:
-        return max(0.0, float(countdown))
-    if eta:
-        if isinstance(eta, str):
-            eta = datetime.datetime.fromisoformat(eta)
-        if isinstance(eta, datetime.datetime):
-            now = datetime.datetime.now(eta.tzinfo) if eta.tzinfo else datetime.datetime.now()
-            return max(0.0, (eta - now).total_seconds())
-    return 0.0

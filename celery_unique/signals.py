@@ -5,10 +5,15 @@ Connect to them as to Celery's own: ``@duplicate_rejected.connect``.
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from celery.utils.dispatch import Signal
 
 __all__ = ["duplicate_rejected", "lock_acquired", "lock_lost", "lock_released",
-           "lock_waiting", "store_unavailable"]
+           "lock_waiting", "report_store_unavailable", "store_unavailable"]
+
+logger = logging.getLogger("celery_unique")
 
 #: Sent by the caller when an enqueue meets a held queueing lock, before it raises or
 #: returns the job already queued. Sender: the task. Arguments: ``key``, ``task_id`` (the
@@ -36,3 +41,12 @@ lock_lost = Signal(name="celery_unique.lock_lost")
 #: on without its lock. Sender: the task. Arguments: ``where`` (``"enqueue"`` or
 #: ``"run"``), ``task_id``, ``url`` (its password masked), ``error`` (the exception).
 store_unavailable = Signal(name="celery_unique.store_unavailable")
+
+
+def report_store_unavailable(sender: Any, where: str, task_id: str, exc: Exception) -> None:
+    """``on_store_error="allow"``: the job goes on without its lock; say so (a warning and
+    :data:`store_unavailable`)."""
+    logger.warning("celery-unique: %s[%s] %s without its lock: %s", sender.name, task_id,
+                   "published" if where == "enqueue" else "runs", exc)
+    store_unavailable.send(sender=sender, where=where, task_id=task_id,
+                           url=getattr(exc, "url", None), error=exc)

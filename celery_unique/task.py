@@ -1,53 +1,55 @@
-"""``UniqueTask``: the Celery task base class that takes and releases the locks."""
+"""``UniqueTask``: the Celery task base class that takes and releases the locks.
+
+It joins the two sides: the caller's (:meth:`UniqueTask.apply_async` builds a
+:class:`~celery_unique.enqueue.Job` and hands it to :mod:`celery_unique.enqueue`) and the
+worker's (:meth:`UniqueTask.__call__` and ``task_postrun`` hand the job's header to
+:mod:`celery_unique.lock`).
+"""
 
 from __future__ import annotations
 
 import inspect
 import logging
-import sys
-import types
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from celery import Celery, Task, signals
 from celery.canvas import Signature
 from celery.result import AsyncResult, EagerResult
-from celery.states import REJECTED, RETRY, REVOKED
+from celery.states import REVOKED
 
-from . import signals as unique_signals
-from . import store as _store
-from .broker import HEADER, Duplicate
-from .enqueue import Enqueue
+from . import lock as run_side
+from . import runtime
+from .enqueue import Enqueue, Job
 from .exceptions import AlreadyQueued
 from .keys import (
     Binder,
     CompiledSpec,
     LockSpec,
-    build_key,
     check_unique_on,
     compile_spec,
     task_signature,
 )
-from .lock import Lock, acquire_or_wait, eager_skipped, release_lock, run_id
 from .settings import (
     CALL_OPTIONS,
     ON_DUPLICATE,
     ON_LOCKED,
     ON_STORE_ERROR,
     UNTIL,
+    Resolved,
     check_choice,
     check_limit,
     check_settings,
     check_timeout,
-    setting,
-    wait_seconds,
 )
-from .store import Store, get_store, release_quietly
+from .state import app_state
+from .store import Store, store_of
+from .wire import HEADER, JobHeader
 
 __all__ = ["HEADER", "UniqueTask"]
 
 _VALUE_OPTIONS = ("on_duplicate", "queueing_lock_timeout", "queueing_lock_until", "on_locked",
-                  "lock_timeout", "on_store_error")
+                  "lock_timeout", "on_store_error", "lock_limit")
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +92,8 @@ class UniqueTask(Task):  # type: ignore[misc]
     _unique_binder: ClassVar[Binder | None] = None
     _unique_queueing: ClassVar[CompiledSpec | None] = None
     _unique_lock: ClassVar[CompiledSpec | None] = None
-    _unique_defaults: ClassVar[dict[str, Any]] = {}
-    _unique_store_obj: ClassVar[tuple[int, Store] | None] = None
+    #: The value options, resolved when Celery binds the task.
+    _unique_defaults: ClassVar[Resolved] = Resolved()
     #: What a refused duplicate raises (the migration shims raise their libraries' own).
     _unique_already_queued: ClassVar[type[AlreadyQueued]] = AlreadyQueued
 
@@ -113,17 +115,12 @@ class UniqueTask(Task):  # type: ignore[misc]
         )
         cls._unique_lock = cls._unique_compile(
             {"lock": cls.lock, "unique_on": cls.unique_on}, option="lock")
-        per_task = {name: getattr(cls, name) for name in (*_VALUE_OPTIONS, "lock_limit")}
+        per_task = {name: getattr(cls, name) for name in _VALUE_OPTIONS}
         cls._unique_check_values(per_task, where=cls.name)
         # Resolved once, as Celery resolves its own task settings (``from_config``) at
         # bind time: reading Celery's configuration costs more than the lock itself.
-        cls._unique_defaults = {
-            name: setting(app, f"unique_{name}") if per_task[name] is None else per_task[name]
-            for name in _VALUE_OPTIONS
-        }
-        cls._unique_defaults["key_prefix"] = setting(app, "unique_key_prefix")
-        cls._unique_defaults["lock_limit"] = cls.lock_limit or 1
-        cls._unique_store_obj = None
+        cls._unique_defaults = Resolved.for_task(app, per_task)
+        app_state(app).stale = True  # the settings may have changed: read them again
 
     @classmethod
     def _unique_compile(cls, options: Mapping[str, Any], option: str = "queueing_lock"
@@ -136,37 +133,22 @@ class UniqueTask(Task):  # type: ignore[misc]
 
     @staticmethod
     def _unique_check_values(options: Mapping[str, Any], *, where: str) -> None:
-        if options.get("queueing_lock_timeout") is not None:
-            check_timeout(options["queueing_lock_timeout"], option="queueing_lock_timeout",
-                          where=where)
-        if options.get("on_duplicate") is not None:
-            check_choice(options["on_duplicate"], ON_DUPLICATE, option="on_duplicate",
-                         where=where)
-        if options.get("queueing_lock_until") is not None:
-            check_choice(options["queueing_lock_until"], UNTIL, option="queueing_lock_until",
-                         where=where)
-        if options.get("on_locked") is not None:
-            check_choice(options["on_locked"], ON_LOCKED, option="on_locked", where=where)
-        if options.get("on_store_error") is not None:
-            check_choice(options["on_store_error"], ON_STORE_ERROR, option="on_store_error",
-                         where=where)
-        if options.get("lock_timeout") is not None:
-            check_timeout(options["lock_timeout"], option="lock_timeout", where=where)
-        if options.get("lock_limit") is not None:
-            check_limit(options["lock_limit"], where=where)
-
-    def _unique_option(self, name: str, per_call: Mapping[str, Any]) -> Any:
-        value = per_call.get(name)
-        return self._unique_defaults[name] if value is None else value
+        choices = {"on_duplicate": ON_DUPLICATE, "queueing_lock_until": UNTIL,
+                   "on_locked": ON_LOCKED, "on_store_error": ON_STORE_ERROR}
+        for option in ("queueing_lock_timeout", "on_duplicate", "queueing_lock_until",
+                       "on_locked", "on_store_error", "lock_timeout", "lock_limit"):
+            value = options.get(option)
+            if value is None:
+                continue
+            if option in choices:
+                check_choice(value, choices[option], option=option, where=where)
+            elif option == "lock_limit":
+                check_limit(value, where=where)
+            else:
+                check_timeout(value, option=option, where=where)
 
     def _unique_store(self) -> Store:
-        cached = type(self)._unique_store_obj
-        if cached is not None and cached[0] == _store.generation:
-            return cached[1]
-        generation = _store.generation
-        store = get_store(self._get_app())
-        type(self)._unique_store_obj = (generation, store)
-        return store
+        return store_of(self._get_app())
 
     # -- caller side ----------------------------------------------------------------------
 
@@ -185,12 +167,15 @@ class UniqueTask(Task):  # type: ignore[misc]
         if not per_call:
             return self._unique_queueing
         self._unique_check_values(per_call, where=f"{self.name} (per call)")
-        if "queueing_lock" not in per_call and "unique_on" not in per_call:
-            return self._unique_queueing
+        return self._unique_spec(per_call, "queueing_lock")
+
+    def _unique_spec(self, per_call: Mapping[str, Any], option: str) -> CompiledSpec | None:
+        if option not in per_call and "unique_on" not in per_call:
+            return self._unique_queueing if option == "queueing_lock" else self._unique_lock
         return self._unique_compile({
-            "queueing_lock": per_call.get("queueing_lock", self.queueing_lock),
+            option: per_call.get(option, getattr(self, option)),
             "unique_on": per_call.get("unique_on", self.unique_on),
-        })
+        }, option=option)
 
     def apply_async(
         self,
@@ -205,130 +190,48 @@ class UniqueTask(Task):  # type: ignore[misc]
     ) -> AsyncResult:
         """Take the queueing lock, then publish; see :class:`UniqueTask` for the options."""
         per_call = {name: options.pop(name) for name in CALL_OPTIONS & options.keys()}
-        headers = options.get("headers") or {}
 
         def publish(task_id: str | None, producer: Any = producer) -> AsyncResult:
             return super(UniqueTask, self).apply_async(
                 args, kwargs, task_id=task_id, producer=producer, link=link,
                 link_error=link_error, shadow=shadow, **options)
 
-        if self._unique_is_own_retry(task_id, options, headers):
+        job = self._unique_job(tuple(args or ()), dict(kwargs or {}), task_id, per_call)
+        if job is None:
             return publish(task_id)
-        spec = self._unique_check_call(per_call)
-        lock_spec = self._unique_lock_spec(per_call)
-        if spec is None and lock_spec is None:
-            return publish(task_id)
-        args, kwargs = tuple(args or ()), dict(kwargs or {})
-        plan = Enqueue(self, spec, lock_spec, args, kwargs, task_id, per_call, options)
-        options["headers"] = {**headers, HEADER: plan.header}
-        try:
-            return plan.run(publish, producer, options)
-        except Duplicate as duplicate:
-            return self._unique_duplicate(plan.key or "", duplicate.holder, duplicate.pttl,
-                                          plan.on_duplicate, args, kwargs, options, headers)
+        return Enqueue(job, self._get_app()).run(publish, producer, options)
 
-    def _unique_is_own_retry(self, task_id: str | None, options: Mapping[str, Any],
-                             headers: Mapping[str, Any]) -> bool:
-        """Whether this is a retry of the running job, its queueing lock re-taken if so.
-
-        A retry re-publishes the running job under its own id: it re-enters the queue, so
-        it takes its lock again. It is published whatever the answer: a retry is never
-        dropped because another job took the lock meanwhile.
-        """
-        if not (task_id is not None and options.get("retries")
-                and isinstance(headers.get(HEADER), dict) and task_id == self.request.id
-                and not self.request.called_directly):
-            return False
-        info = headers[HEADER]
-        if info.get("q"):
-            ttl_ms = int(info["t"] + 1000 * wait_seconds(options.get("countdown"),
-                                                         options.get("eta")))
-            self._unique_store().acquire_queueing_lock(info["q"], task_id, ttl_ms)
-        return True
-
-    def _unique_lock_spec(self, per_call: Mapping[str, Any]) -> CompiledSpec | None:
-        if "lock" not in per_call and "unique_on" not in per_call:
-            return self._unique_lock
-        return self._unique_compile({
-            "lock": per_call.get("lock", self.lock),
-            "unique_on": per_call.get("unique_on", self.unique_on),
-        }, option="lock")
-
-    def _unique_make_lock(self, spec: CompiledSpec, args: Sequence[Any],
-                          kwargs: Mapping[str, Any], per_call: Mapping[str, Any]) -> Lock:
-        # A string or callable names a shared resource: no task name in the key, so
-        # different tasks exclude each other. True is scoped to this task.
-        scope = self.name if spec.kind == "all" else ""
-        return Lock(
-            build_key(self._unique_defaults["key_prefix"], "l", scope, spec.render(args, kwargs)),
-            self._unique_option("on_locked", per_call),
-            int(self._unique_option("lock_limit", per_call)),
-            int(self._unique_option("lock_timeout", per_call) * 1000),
-            int(self._unique_option("queueing_lock_timeout", per_call) * 1000),
-        )
-
-    def _unique_duplicate(
-        self,
-        key: str,
-        holder: str,
-        pttl: int,
-        on_duplicate: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        options: Mapping[str, Any],
-        headers: Mapping[str, Any],
-    ) -> AsyncResult:
-        ttl = max(pttl, 0) / 1000
-        # A chain or callback step sent by a worker (Celery passes parent_id), or a beat
-        # entry: nobody can catch the error there, so the step is skipped and logged,
-        # and the parent job keeps its own outcome.
-        from_canvas = bool(options.get("parent_id")) and self.app.current_worker_task is not None
-        from_beat = bool(headers.get("celery_beat_task")) or _called_from_beat()
-        action = "existing" if on_duplicate == "existing" else "raised"
-        if action == "raised" and (from_canvas or from_beat):
-            action = "skipped"
-        unique_signals.duplicate_rejected.send(
-            sender=self, key=key, task_id=holder, ttl=ttl, args=args, kwargs=kwargs,
-            action=action,
-        )
-        if action == "raised":
-            raise self._unique_already_queued(
-                f"{self.name}: a job is already queued under {key} (task id {holder},"
-                f" lock expires in {ttl:.1f}s)",
-                key=key, task_id=holder, ttl=ttl, task_name=self.name,
-            )
-        log = logger.info if action == "existing" else logger.warning
-        log("celery-unique: %s not queued: %s is already queued under %s (%s)",
-            self.name, holder, key, "from beat" if from_beat else
-            "from a worker" if from_canvas else "on_duplicate=existing")
-        return self.AsyncResult(holder)
+    def _unique_job(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    task_id: str | None, per_call: Mapping[str, Any]) -> Job | None:
+        """What this call asks of the locks (None: nothing, a plain publish)."""
+        queueing = self._unique_check_call(per_call)
+        lock_spec = self._unique_spec(per_call, "lock")
+        # A call under the running job's own id may be its retry (Enqueue tells).
+        stack = self.request_stack  # None until the task is bound
+        top = stack.top if stack is not None and task_id is not None else None
+        running = task_id if top is not None and top.id == task_id and not (
+            top.called_directly) else None
+        if queueing is None and lock_spec is None and running is None:
+            return None
+        return Job(self, task_id, args, kwargs, queueing, lock_spec,
+                   self._unique_defaults.with_call(per_call),
+                   self._unique_defaults.on_store_error, running, self._unique_already_queued)
 
     # -- worker side ------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        if request.called_directly or request.id is None or getattr(
-            request, "_unique_started", False
-        ):
+        if request.called_directly or request.id is None or run_side.started(request):
             # Called as a plain function (or recursively): no lock of ours is involved.
             return super().__call__(*args, **kwargs)
-        request._unique_started = True
-        info = _header(request) or {}
-        lock = Lock.from_header(info)
-        if lock is None and self._unique_lock is not None and not info:
+        header = JobHeader.of_request(request)
+        if header is None and self._unique_lock is not None:
             # Sent without apply_async (send_task) or run with apply(): the job takes its
             # place in line now.
-            lock = self._unique_make_lock(self._unique_lock, args, kwargs, {})
-        queueing_key = info.get("q") if info.get("until") == "started" else None
-        if lock is not None:
-            # Raises Ignore when the job must not run now (parked, re-queued, skipped).
-            held = acquire_or_wait(self, lock, queueing_key, info.get("k"),
-                                   info.get("e") or self._unique_defaults["on_store_error"])
-            if queueing_key and held:
-                request._unique_released = True  # the lock's script released it
-        elif queueing_key:
-            request._unique_released = True
-            release_quietly(self._unique_store(), queueing_key, request.id, "job started")
+            header = JobHeader(lock=self._unique_defaults.lock(self.name, self._unique_lock,
+                                                               args, kwargs))
+        # Raises Ignore when the job must not run now (parked, re-queued, skipped).
+        run_side.start(self, header, self._unique_defaults.on_store_error)
         # The tracer has already pushed this task and its request; Task.__call__ would
         # push a fresh request without the job's id.
         return self.run(*args, **kwargs)
@@ -337,43 +240,10 @@ class UniqueTask(Task):  # type: ignore[misc]
         """Run the job in the caller, its locks enforced: a job skipped for its lock
         (``on_locked="skip"``) ends ``REVOKED`` with :class:`LockHeld`, as on a worker."""
         result = super().apply(*args, **kwargs)
-        skipped = eager_skipped.pop(result.id, None)
+        skipped = app_state(self._get_app()).eager_skipped.pop(result.id, None)
         if skipped is not None:
             return EagerResult(result.id, skipped, REVOKED, name=self.name)
         return result
-
-    def _unique_finish(self, state: str, retval: Any) -> None:
-        """Release what the job holds at its end; called for every state (task_postrun)."""
-        request = self.request
-        if getattr(request, "_unique_parked", False):
-            return  # waiting for its lock: it keeps its place and its queueing lock
-        lock = getattr(request, "_unique_lock", None)
-        info = _header(request)
-        if lock is not None:
-            request._unique_lock = None
-            # Every end releases the lock, a retry too: it goes to the back of the line.
-            # A run that ended on a worker is remembered, unless its message goes back.
-            again = state == REJECTED and getattr(retval, "requeue", False)
-            ran = "" if request.is_eager or again else run_id(request)
-            release_lock(self, request.id, lock, state, (info or {}).get("k"), ran)
-        if info is None or not info.get("q") or getattr(request, "_unique_released", False):
-            return
-        if state == RETRY:
-            # The retry holds the queueing lock now: its message, or in eager mode its
-            # run in the caller, which carries the same header and releases it.
-            return
-        if state == REJECTED and getattr(retval, "requeue", False):
-            return  # the message goes back to the queue and will run again
-        request._unique_released = True
-        release_quietly(self._unique_store(), info["q"], request.id, f"job ended: {state}")
-
-
-def _header(request: Any) -> dict[str, Any] | None:
-    headers = getattr(request, "headers", None)
-    # Celery's own tests run jobs eagerly with headers that are not a dict.
-    info = (headers.get(HEADER) if isinstance(headers, dict) else None) or getattr(
-        request, HEADER, None)
-    return info if isinstance(info, dict) and (info.get("q") or info.get("l")) else None
 
 
 def _on_task_postrun(sender: Any = None, state: str = "", retval: Any = None,
@@ -381,25 +251,17 @@ def _on_task_postrun(sender: Any = None, state: str = "", retval: Any = None,
     # after_return is skipped for RETRY, IGNORED and REJECTED (Reject, Ignore, replace);
     # task_postrun is sent for every end of a traced job, eager mode included.
     if isinstance(sender, UniqueTask):
-        sender._unique_finish(state, retval)
+        run_side.finish(sender, state, retval)
 
 
-def _called_from_beat() -> bool:
-    """Whether beat's scheduler is sending this job (Celery < 5.5 sets no header for it).
-
-    Only looked at for a duplicate, so the enqueue path does not pay for it.
-    """
-    from celery.beat import Scheduler
-
-    code = Scheduler.apply_async.__code__
-    frame: types.FrameType | None = sys._getframe(1)
-    for _ in range(12):
-        if frame is None:
-            return False
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """A worker sweeps only where locks are used (see :func:`runtime.on_worker_ready`)."""
+    tasks = [t for t in sender.app.tasks.values() if isinstance(t, UniqueTask)]
+    locked = [t for t in tasks if t._unique_lock is not None]
+    runtime.on_worker_ready(
+        sender, locked=bool(locked), unique=bool(tasks),
+        ordered=any(t._unique_defaults.on_locked == "order" for t in locked))
 
 
 signals.task_postrun.connect(_on_task_postrun, weak=False)
+signals.worker_ready.connect(_on_worker_ready, weak=False)

@@ -30,7 +30,7 @@ from celery import Celery
 
 from . import admin
 from .exceptions import AlreadyQueued, ConfigurationError
-from .store import Store, _stores, use_store
+from .store import Store, use_store
 
 __all__ = ["RedisServer", "UniqueLocks", "find_redis_server", "max_overlap", "wait_for"]
 
@@ -180,9 +180,8 @@ class UniqueLocks:
         self._conf: dict[str, Any] = {}
 
     def __enter__(self) -> UniqueLocks:
-        self._before = _stores.get(self.app)
         self.client.flushdb()
-        use_store(self.app, self.store)
+        self._before = use_store(self.app, self.store)
         return self
 
     def __exit__(self, *exc: object) -> None:

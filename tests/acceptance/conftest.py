@@ -100,14 +100,11 @@ def tasks(worker: Worker) -> Any:
 
 def _use_store_db(db: int, server: RedisServer) -> None:
     """Point the test process's copy of the tasks' app at the worker's lock store."""
-    from celery_unique import UniqueTask, broker
+    from celery_unique import broker
     from celery_unique.store import get_store
     from tests.acceptance import tasks
 
     tasks.app.conf.unique_redis_url = f"{server.url}/{db}"
-    for task in tasks.app.tasks.values():
-        if isinstance(task, UniqueTask):
-            type(task)._unique_store_obj = None
     assert broker.atomic(tasks.app, get_store(tasks.app)) is (db == 2)
 
 

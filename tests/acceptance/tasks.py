@@ -283,15 +283,14 @@ def _record_lost(sender: Any = None, key: str = "", task_id: str = "", **_: Any)
 def handover(self: Any, run: str, n: int, kill: bool = False) -> None:
     """Job 0 releases its lock by the release script itself, then its process is killed
     before anything else runs: what a releasing worker that dies there leaves."""
-    from celery_unique.task import _header
+    from celery_unique.wire import JobHeader
 
     coord.rpush(f"starts:{run}", json.dumps([n, time.time()]))
     if kill:
         wait_go(run)
-        lock, info = self.request._unique_lock, _header(self.request) or {}
-        self._unique_store().lock("release", lock.base,
-                                  [self.request.id, lock.limit, lock.lease_ms],
-                                  queue=info.get("k"))
+        lock, header = self.request.celery_unique_run.lock, JobHeader.of_request(self.request)
+        self._unique_store().release_lock(lock.base, token=self.request.id, limit=lock.limit,
+                                          lease_ms=lock.lease_ms, queue=header.queue)
         coord.set(f"released:{run}", time.time())
         os.kill(os.getpid(), signal.SIGKILL)
     coord.rpush(f"ends:{run}", n)
@@ -372,3 +371,10 @@ def once_retry(self: Any, token: str, n: int = 0) -> int:
         raise self.retry(countdown=1.5)
     wait_go(token)
     return int(self.request.retries)
+
+
+@app.task(base=UniqueTask, queueing_lock="rt_{run}", lock="rt_{run}", lock_timeout=LONG_LEASE,
+          name="acceptance.round_trips")
+def round_trips(run: str) -> str:
+    """Both locks, on the worker's own queue: counted by test_round_trips."""
+    return run

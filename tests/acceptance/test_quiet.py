@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from celery_unique.lock import SWEEP_INTERVAL
+from celery_unique.runtime import SWEEP_INTERVAL
 from celery_unique.testing import RedisServer, wait_for
 
 from .conftest import Worker

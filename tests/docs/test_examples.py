@@ -12,6 +12,7 @@ from celery.beat import ScheduleEntry, Scheduler
 
 from celery_unique import LockHeld
 from celery_unique.testing import UniqueLocks
+from celery_unique.wire import ParkedMessage
 
 from .conftest import EXAMPLES, services
 
@@ -185,7 +186,7 @@ def test_options(example: Any, unique: UniqueLocks) -> None:
     mod.examples()
     values = sorted(lock.value for lock in unique.locks())
     assert values == ["maintenance", "nightly", "sync-all"]
-    assert mod.sync._unique_defaults["queueing_lock_timeout"] == 600  # task_annotations
+    assert mod.sync._unique_defaults.queueing_lock_timeout == 600  # task_annotations
 
 
 def test_fencing(example: Any, unique: UniqueLocks, tmp_path: Path) -> None:
@@ -209,11 +210,14 @@ def test_release_stuck(example: Any, unique: UniqueLocks) -> None:
     mod = example("release_stuck")
     base = "celery_unique:l:{printer}"
     store = unique.store
-    store.lock("acquire", base, ["holder", 1, 60_000, "order", 60_000])
-    store.lock("acquire", base, ["next", 1, 60_000, "order", 60_000])  # waits in line
+    store.acquire_lock(base, token="holder", limit=1, lease_ms=60_000, mode="order",
+                       wait_ms=60_000)
+    store.acquire_lock(base, token="next", limit=1, lease_ms=60_000, mode="order",
+                       wait_ms=60_000)  # waits in line
     message = json.dumps({"headers": {"task": "proj.print", "id": "next"},
                           "properties": {"delivery_tag": "next.cu"}})
-    store.lock("park", base, ["next", 1, 60_000, f"\x01printing\n{message}", base])
+    store.park(base, token="next", limit=1, lease_ms=60_000,
+               message=ParkedMessage("printing", message).encode())
     assert mod.release_abandoned_lines() == []  # held: left alone
     unique.client.zrem(f"{base}:holders", "holder")  # the holder vanished
     assert mod.release_abandoned_lines() == [base]

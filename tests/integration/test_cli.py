@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from celery_unique import admin
 from celery_unique.cli import DUPLICATE
 from celery_unique.testing import RedisServer
+from celery_unique.wire import ParkedMessage
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.integration.cli_app"
@@ -52,10 +53,10 @@ def cli(unique_redis_server: RedisServer) -> Iterator[Any]:
 def test_locks_lists_both_kinds_as_a_table_and_as_json(cli: Any) -> None:
     held = cli.module.report.delay("alice@example.com")
     store = cli.app.conf.unique_redis_url and cli.module.locked._unique_store()
-    assert store.lock("acquire", "celery_unique:l:{res_1}", ["job-a", 1, 60000, "order",
-                                                              60000])[0] == 1
+    assert store.acquire_lock("celery_unique:l:{res_1}", token="job-a", limit=1,
+                              lease_ms=60000, mode="order", wait_ms=60000).grant == 1
     for token in ("job-b", "job-c"):
-        store.send_enter_line("celery_unique:l:{res_1}", token, 60000).result()
+        store.enter_line("celery_unique:l:{res_1}", token, 60000)
     table = cli("locks")
     assert table.exit_code == 0, table.output
     assert table.output.splitlines()[0].split() == [
@@ -110,11 +111,14 @@ def test_release_hands_a_lock_to_the_first_in_line(cli: Any) -> None:
     base = "celery_unique:l:{res_2}"
     store = cli.module.locked._unique_store()
     queue = f"handed-{uuid.uuid4().hex}"
-    assert store.lock("acquire", base, ["holder", 1, 60000, "order", 60000])[0] == 1
-    store.lock("acquire", base, ["first", 1, 60000, "order", 60000])
+    assert store.acquire_lock(base, token="holder", limit=1, lease_ms=60000, mode="order",
+                              wait_ms=60000).grant == 1
+    store.acquire_lock(base, token="first", limit=1, lease_ms=60000, mode="order",
+                       wait_ms=60000)
     message = json.dumps({"headers": {"task": "cli.locked", "id": "first"},
                           "properties": {"delivery_tag": "first.cu"}})
-    store.lock("park", base, ["first", 1, 60000, f"\x01{queue}\n{message}", base])
+    store.park(base, token="first", limit=1, lease_ms=60000,
+               message=ParkedMessage(queue, message).encode())
     done = cli("release", base, "--yes")
     assert done.exit_code == 0, done.output
     assert [h.decode() for h in cli.client.zrange(f"{base}:holders", 0, -1)] == ["first"]

@@ -14,7 +14,8 @@ from celery import Celery
 from redis.exceptions import RedisClusterException
 
 from celery_unique import AlreadyQueued, UniqueTask
-from celery_unique.scripts import lock_keys
+from celery_unique.keys import lock_keys
+from celery_unique.scripts import Scripts
 from celery_unique.store import get_store
 from celery_unique.testing import RedisServer, wait_for
 
@@ -49,11 +50,11 @@ def keys(url: str) -> list[bytes]:
 def test_a_script_with_keys_in_two_slots_is_refused(cluster: str) -> None:
     store = get_store(make_app(cluster, eager=True))
     assert store.cluster
-    script = store.lock_scripts["acquire"]
+    script = store.client.register_script(Scripts.ACQUIRE_LOCK)
     mixed = [*lock_keys("celery_unique:l:{a}"), "celery_unique:q:{b}"]
     args = ["t", 1, 1000, "order", 1000]
     with pytest.raises(RedisClusterException, match="same key slot"):  # the client
-        store.run(script, mixed, args)
+        script(keys=mixed, args=args, client=store.client)
     node = redis.Redis.from_url(cluster)
     with pytest.raises(redis.ResponseError, match="same slot"):  # and the server (CROSSSLOT)
         script(keys=mixed, args=args, client=node)
@@ -85,16 +86,17 @@ def test_enqueue_then_the_worker_takes_the_lock(cluster: str) -> None:
     with pytest.raises(AlreadyQueued):
         sync.delay("acme")
     store = get_store(app)
-    lock = sync._unique_make_lock(sync._unique_lock, ("acme",), {}, {})
+    lock = sync._unique_defaults.lock(sync.name, sync._unique_lock, ("acme",), {})
     queueing_key = next(k for k in keys(cluster) if b":q:" in k).decode()
     # What the worker does when the job starts: take the lock, release the queueing lock.
-    reply = store.lock("acquire", lock.base,
-                       [job.id, lock.limit, lock.lease_ms, lock.mode, lock.wait_ms],
-                       queueing_key)
-    assert reply[0] == 1
+    reply = store.acquire_lock(lock.base, token=job.id, limit=lock.limit,
+                               lease_ms=lock.lease_ms, mode=lock.mode, wait_ms=lock.wait_ms,
+                               queueing_key=queueing_key)
+    assert reply.grant == 1
     assert not redis.Redis.from_url(cluster).exists(queueing_key)
     sync.delay("acme")  # queued again while the first one runs
-    assert store.lock("release", lock.base, [job.id, lock.limit, lock.lease_ms]) == [1]
+    assert store.release_lock(lock.base, token=job.id, limit=lock.limit,
+                              lease_ms=lock.lease_ms).held
 
 
 def test_the_operators_api_lists_shows_and_releases(cluster: str) -> None:
@@ -109,8 +111,10 @@ def test_the_operators_api_lists_shows_and_releases(cluster: str) -> None:
             assert store.acquire_queueing_lock(f"celery_unique:q:{{t.report:r{n}}}",
                                                f"job-{n}", 60_000)[0]
         base = "celery_unique:l:{res}"
-        assert store.lock("acquire", base, ["holder", 1, 60_000, "order", 60_000])[0] == 1
-        store.lock("acquire", base, ["next", 1, 60_000, "order", 60_000])
+        assert store.acquire_lock(base, token="holder", limit=1, lease_ms=60_000,
+                                  mode="order", wait_ms=60_000).grant == 1
+        store.acquire_lock(base, token="next", limit=1, lease_ms=60_000, mode="order",
+                           wait_ms=60_000)
         found = {i.key: i for i in admin.iter_locks(app, page=7)}
         assert len(found) == 31
         assert found["celery_unique:q:{t.report:r3}"].holders == ("job-3",)

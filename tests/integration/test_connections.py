@@ -197,13 +197,15 @@ def test_threads_keep_at_most_half_a_bounded_pool(unique_redis_server: RedisServ
     from celery_unique.store import Store
 
     store = Store.from_url(f"{unique_redis_server.url}/1", {"max_connections": 4})
-    conns, pool = store.conns, store.pool
+    conns = store.conns
     assert conns is not None
+    pool = conns.pool
     used, done, one_at_a_time = threading.Barrier(11), threading.Event(), threading.Lock()
 
     def enqueue_then_idle() -> None:
         with one_at_a_time:  # ten at once would need ten connections of the four
-            store.send_acquire(f"celery_unique:q:{uuid.uuid4()}", "t", 1000).result()
+            store.send_acquire_queueing_lock(f"celery_unique:q:{uuid.uuid4()}", "t",
+                                             1000).result()
         used.wait(10)
         done.wait(10)
 
@@ -244,8 +246,10 @@ def test_a_connection_kept_with_its_owner_is_the_only_one(
         kombu_like = redis.Redis.from_url(url, max_connections=2)  # a channel's pool
         pool = kombu_like.connection_pool
         for _ in range(5):
-            assert store.run_on(kombu_like, store.acquire_queueing,
-                                ["celery_unique:q:owner"], ["t", 1000], owner) is None
+            assert store.push_with_locks(
+                kombu_like, owner, queue="celery_unique:owner-queue", message="m", token="t",
+                queueing_key="celery_unique:q:owner", ttl_ms=1000, line_base=None,
+                wait_ms=0).taken
         lent = [pool.get_connection(*store._pool_args) for _ in range(free)]
         with pytest.raises(redis.ConnectionError, match="Too many connections"):
             pool.get_connection(*store._pool_args)

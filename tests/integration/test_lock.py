@@ -1,7 +1,7 @@
 """The execution lock's scripts against a real Redis server (the session's private one).
 
-Each test drives :meth:`Store.lock` as the worker does: ``acquire``, ``park``, ``release``,
-``extend`` and ``sweep`` on one lock, with tokens standing for jobs.
+Each test drives the store's lock methods as the worker does: ``acquire_lock``, ``park``,
+``release_lock``, ``extend`` and ``sweep_lock`` on one lock, with tokens standing for jobs.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import redis
 
 from celery_unique.store import Store
 from celery_unique.testing import RedisServer, wait_for
+from tests.helpers import flat
 
 LEASE = 60_000
 
@@ -32,24 +33,24 @@ class Lock:
 
     def acquire(self, token: str, mode: str = "order", wait: int = 3_600_000,
                 again: bool = False, run: str = "") -> list[Any]:
-        reply = self.store.lock("acquire", self.base,
-                                [token, self.limit, self.lease, mode, wait,
-                                 "1" if again else "0", run])
-        return [text(x) for x in reply]
+        return flat(self.store.acquire_lock(
+            self.base, token=token, limit=self.limit, lease_ms=self.lease, mode=mode,
+            wait_ms=wait, asks_again=again, run=run))
 
     def park(self, token: str, message: str) -> list[Any]:
-        return [text(x) for x in self.store.lock(
-            "park", self.base, [token, self.limit, self.lease, message])]
+        return flat(self.store.park(self.base, token=token, limit=self.limit,
+                                    lease_ms=self.lease, message=message))
 
     def release(self, token: str, ran: str = "", keep: int = 60_000) -> list[Any]:
-        args = [token, self.limit, self.lease, *([ran, keep] if ran else [])]
-        return [text(x) for x in self.store.lock("release", self.base, args)]
+        return flat(self.store.release_lock(self.base, token=token, limit=self.limit,
+                                            lease_ms=self.lease, ran=ran,
+                                            remember_ms=keep if ran else 0))
 
     def extend(self, token: str) -> int:
-        return int(self.store.lock("extend", self.base, [token, self.lease]))
+        return int(self.store.extend(self.base, token=token, lease_ms=self.lease))
 
     def sweep(self) -> list[Any]:
-        return [text(x) for x in self.store.lock("sweep", self.base, [self.limit, self.lease])]
+        return flat(self.store.sweep_lock(self.base, limit=self.limit, lease_ms=self.lease))
 
     def keys(self) -> list[bytes]:
         return [k for k in self.store.client.keys(f"{self.base}:*")
@@ -144,8 +145,9 @@ def _contender(url: str, base: str, rounds: int, out: Any) -> None:
     for n in range(rounds):
         token = f"{multiprocessing.current_process().name}-{n}"
         while True:  # "retry" mode, polled: the fastest path through the script
-            reply = store.lock("acquire", base, [token, 1, LEASE, "retry", 1000])
-            if reply[0] == 1:
+            reply = store.acquire_lock(base, token=token, limit=1, lease_ms=LEASE,
+                                       mode="retry", wait_ms=1000)
+            if reply.grant == 1:
                 break
             if time.monotonic() > deadline:
                 out.put([])  # the parent sees too few spans and fails
@@ -153,8 +155,8 @@ def _contender(url: str, base: str, rounds: int, out: Any) -> None:
             time.sleep(0.001)
         start = time.time()
         time.sleep(0.001)
-        spans.append((start, time.time(), int(reply[1])))
-        store.lock("release", base, [token, 1, LEASE])
+        spans.append((start, time.time(), reply.fence))
+        store.release_lock(base, token=token, limit=1, lease_ms=LEASE)
     out.put(spans)
 
 
@@ -190,9 +192,9 @@ def test_park_registers_the_lock_for_the_sweepers_in_the_same_script(
     store.client.delete(registry)
     assert lock.acquire("a")[0] == 1
     lock.acquire("b")
-    reply = store.lock("park", lock.base, ["b", lock.limit, lock.lease, "message-b", lock.base],
-                       registry=registry)
-    assert [text(x) for x in reply[:3]] == [0, "a", 0]
+    reply = store.park(lock.base, token="b", limit=lock.limit, lease_ms=lock.lease,
+                       message="message-b", registry=registry)
+    assert flat(reply)[:3] == [0, "a", 0]
     member = f"{lock.limit}|{lock.lease}|{lock.base}"
     server_ms = store.client.time()[0] * 1000
     assert server_ms < store.client.zscore(registry, member) <= server_ms + lock.lease + 1000
@@ -200,7 +202,7 @@ def test_park_registers_the_lock_for_the_sweepers_in_the_same_script(
 
 def test_a_volatile_lock_store_is_told_apart(unique_redis_server: RedisServer) -> None:
     """The worker's durability hint: warned of only where nothing survives a restart."""
-    from celery_unique.lock import volatile
+    from celery_unique.runtime import volatile
 
     assert volatile(make_store(unique_redis_server))  # --save "" --appendonly no
     for options in (("--appendonly", "yes"), ("--save", "900 1"),
@@ -218,11 +220,11 @@ def test_a_received_place_not_renewed_is_given_up_within_a_lease(
     lock = Lock(store, lease=400)
     for token in ("held", "b"):
         store.send_enter_line(lock.base, token, 3_600_000).result()
-    store.lock("arrive", lock.base, [lock.lease, "held"])  # received by a worker
+    store.arrive(lock.base, lease_ms=lock.lease, tokens=["held"])  # received by a worker
     assert lock.acquire("b")[:3] == [0, "", 1]  # behind "held"
     lock.park("b", "message-b")
     for _ in range(3):  # its worker renews it while it holds the message: kept
-        store.lock("arrive", lock.base, [lock.lease, "held"])
+        store.arrive(lock.base, lease_ms=lock.lease, tokens=["held"])
         assert lock.sweep()[1:] == []
         time.sleep(0.2)  # the renewing worker's pace, not a wait for a condition
     woken = wait_for(lambda: (r := lock.sweep())[1:] and r, timeout=3,

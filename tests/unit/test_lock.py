@@ -39,7 +39,7 @@ def test_string_lock_is_shared_between_tasks_true_is_per_task(app: Celery) -> No
     def charge(user_id: int, amount: int) -> None: ...
 
     def base(task: Any, *args: Any) -> str:
-        return task._unique_make_lock(task._unique_lock, args, {}, {}).base
+        return task._unique_defaults.lock(task.name, task._unique_lock, args, {}).base
 
     assert base(a, 1) == base(b, 1) == "celery_unique:l:{db-1}"
     scoped = f"celery_unique:l:{{{charge.name}:user_id=7}}"
@@ -72,7 +72,8 @@ def test_bad_per_call_options_leave_nothing(app: Celery, fake_redis: Any) -> Non
 
 def held_by_other(app: Celery, task: Any, base: str) -> Any:
     store = task._unique_store()
-    assert store.lock("acquire", base, ["other", 1, 60000, "order", 60000])[0] == 1
+    assert store.acquire_lock(base, token="other", limit=1, lease_ms=60000, mode="order",
+                              wait_ms=60000).grant == 1
     return store
 
 
@@ -110,7 +111,7 @@ def test_order_waits_in_the_caller_until_released(app: Celery, fake_redis: Any) 
 
     def release_soon() -> None:
         released.wait(0.2)
-        store.lock("release", "celery_unique:l:{x}", ["other", 1, 60000])
+        store.release_lock("celery_unique:l:{x}", token="other", limit=1, lease_ms=60000)
         released.set()
 
     threading.Thread(target=release_soon).start()

@@ -12,6 +12,7 @@ from celery.exceptions import Ignore, Reject
 
 from celery_unique import AlreadyQueued, ConfigurationError, KeyBuildError, UniqueTask
 from celery_unique import signals as unique_signals
+from celery_unique.state import app_state
 
 
 @pytest.fixture
@@ -269,17 +270,17 @@ class TestOverlappedReply:
         @app.task(base=UniqueTask, queueing_lock="k", shared=False)
         def t() -> None: ...
 
-        store = t._unique_store()
+        state = app_state(app)
         first = t.delay()
         for _ in range(3):  # read at the producer first, then (a key seen held) at routing
             with pytest.raises(AlreadyQueued):
                 t.delay()
-            assert qkey(t, "k") in store.held_keys
+            assert qkey(t, "k") in state.held_keys
         assert built == [first.id]
         fake_redis.delete(qkey(t, "k"))  # the job started
         second = t.delay()
         assert built == [first.id, second.id]
-        assert qkey(t, "k") not in store.held_keys
+        assert qkey(t, "k") not in state.held_keys
         assert fake_redis.get(qkey(t, "k")) == second.id.encode()
 
     @pytest.mark.parametrize("seen_held", [False, True])
@@ -294,7 +295,7 @@ class TestOverlappedReply:
         def t() -> None: ...
 
         if seen_held:
-            t._unique_store().remember_held(qkey(t, "k"))
+            app_state(app).remember_held(qkey(t, "k"))
         with pytest.raises(LookupError, match="no route"):
             t.apply_async(router=BrokenRouter())
         assert keys(fake_redis) == []
@@ -327,10 +328,10 @@ class TestOverlappedReply:
         @app.task(base=UniqueTask, queueing_lock="k", shared=False)
         def t() -> None: ...
 
-        store = t._unique_store()
+        state = app_state(app)
         for i in range(3000):
-            store.remember_held(str(i))
-        assert len(store.held_keys) <= 1025 and "2999" in store.held_keys
+            state.remember_held(str(i))
+        assert len(state.held_keys) <= 1025 and "2999" in state.held_keys
 
 
 class TestEager:

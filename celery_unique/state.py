@@ -1,0 +1,64 @@
+"""What celery-unique keeps per Celery app, in one object: :func:`app_state`.
+
+Kept on the app itself (not in module-level dictionaries), so that it lives and dies with
+the app. It holds values only: the store is made by :func:`celery_unique.store.get_store`,
+the broker choice by ``celery_unique.broker.atomic``, the worker's threads by
+``celery_unique.runtime``. No I/O here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from celery import Celery
+
+__all__ = ["AppState", "app_state"]
+
+#: Keys recently found held are remembered up to this many (the oldest dropped).
+HELD_KEYS_MAX = 1024
+
+_ATTRIBUTE = "_celery_unique_state"
+
+
+class AppState:
+    """celery-unique's state for one app."""
+
+    __slots__ = ("atomic", "eager_skipped", "held_keys", "settings", "stale", "store",
+                 "warned", "worker")
+
+    def __init__(self) -> None:
+        #: The lock store (``celery_unique.store.Store``), once one was made.
+        self.store: Any = None
+        #: The settings the store was made from (a change makes a new store).
+        self.settings: tuple[Any, ...] | None = None
+        #: Whether the settings may have changed since (a task was bound): read them again.
+        self.stale = True
+        #: ``(store, True/False)``: whether messages are pushed with their locks, decided
+        #: for that store (``celery_unique.broker.atomic``).
+        self.atomic: tuple[Any, bool] | None = None
+        #: Queueing-lock keys recently found held (an ordered set): a hint of where to
+        #: wait for the next reply on them, never a decision; a key is dropped when taken.
+        self.held_keys: dict[str, None] = {}
+        #: The worker's threads and what they keep (``celery_unique.runtime``).
+        self.worker: Any = None
+        #: Jobs skipped while run eagerly, by id, until ``UniqueTask.apply`` reads them.
+        self.eager_skipped: dict[str, Exception] = {}
+        #: Task names already warned about (a warning said once per task).
+        self.warned: set[str] = set()
+
+    def remember_held(self, key: str) -> None:
+        """Note that ``key`` was found held (bounded: the oldest is dropped)."""
+        held = self.held_keys
+        held[key] = None
+        if len(held) > HELD_KEYS_MAX:
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                del held[next(iter(held))]
+
+
+def app_state(app: Celery) -> AppState:
+    """celery-unique's state for ``app``, made on first use."""
+    state: AppState | None = app.__dict__.get(_ATTRIBUTE)
+    if state is None:
+        state = app.__dict__.setdefault(_ATTRIBUTE, AppState())
+    return state
