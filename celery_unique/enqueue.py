@@ -15,12 +15,11 @@ Nothing here imports the worker's side.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 import types
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from celery import Celery
 from celery.result import AsyncResult
@@ -43,9 +42,9 @@ logger = logging.getLogger(__name__)
 Publish = Callable[..., AsyncResult]
 
 
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """What one ``apply_async`` asks of the locks, as the task resolved it."""
+class Job(NamedTuple):
+    """What one ``apply_async`` asks of the locks, as the task resolved it (a named
+    tuple: one is made for every enqueue)."""
 
     sender: Any  #: the task: the sender of signals, its name, app and result backend
     task_id: str | None

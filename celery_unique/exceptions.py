@@ -4,14 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = [
-    "AlreadyEnqueued",
-    "AlreadyQueued",
-    "CeleryUniqueError",
-    "ConfigurationError",
-    "KeyBuildError",
-    "LockStoreUnavailable",
-]
+__all__ = ["AlreadyEnqueued", "AlreadyQueued", "CeleryUniqueError", "ConfigurationError",
+           "KeyBuildError", "LockHeld", "LockStoreUnavailable"]
 
 
 class CeleryUniqueError(Exception):

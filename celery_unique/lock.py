@@ -266,8 +266,7 @@ def _requeue(task: Task, run: JobRun, lock: Lock, counter: str = "w",
     sig = task.signature_from_request(request, request.args, request.kwargs,
                                       countdown=countdown)
     headers = dict(sig.options.get("headers") or {})
-    again = dataclasses.replace(header, lock=lock,
-                                attempts={**header.attempts, counter: attempt + 1})
+    again = header._replace(lock=lock, attempts={**header.attempts, counter: attempt + 1})
     headers[HEADER] = {**(headers.get(HEADER) or {}), **again.to_header()}
     sig.options["headers"] = headers
     # Not Task.retry: waiting for a lock does not use up max_retries, and the job keeps

@@ -137,10 +137,11 @@ class Arrivals:
         with self._lock:
             due = [(base, list(held.items())) for base, held in self._held.items()
                    if self._due.get(base, 0.0) <= now]
-        for base, held in due:
-            lease_ms = max(lock.lease_ms for _, lock in held)
-            store.arrive(base, lease_ms=lease_ms, tokens=[token for token, _ in held])
-            with self._lock:
+        marks = [(base, max(lock.lease_ms for _, lock in held), [t for t, _ in held])
+                 for base, held in due]
+        store.arrive_many(marks)  # one round trip for them all
+        with self._lock:
+            for base, lease_ms, _ in marks:
                 if base in self._due:
                     self._due[base] = now + lease_ms / 3000
 

@@ -589,6 +589,27 @@ class Scripts:
         """Keep the places of jobs a worker holds a lease ahead (:data:`ARRIVE`)."""
         self._run(self._arrive, lock_keys(base), [lease_ms, *tokens])
 
+    def arrive_many(self, marks: list[tuple[str, int, list[str]]]) -> None:
+        """:meth:`arrive` for ``(base, lease_ms, tokens)`` of several locks in one round
+        trip (a pipeline; on a Cluster, whose locks span nodes, one call each). A script
+        the server lost is loaded and run again alone."""
+        if self.cluster or len(marks) < 2:
+            for base, lease_ms, tokens in marks:
+                self.arrive(base, lease_ms=lease_ms, tokens=tokens)
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for base, lease_ms, tokens in marks:
+            keys = lock_keys(base)
+            pipe.execute_command("EVALSHA", self._arrive.sha, len(keys), *keys, lease_ms,
+                                 *tokens)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except CONNECTION_ERRORS as exc:
+            raise self._unavailable(exc) from exc
+        for (base, lease_ms, tokens), reply in zip(marks, replies):
+            if isinstance(reply, redis.ResponseError):  # NOSCRIPT: restarted or flushed
+                self.arrive(base, lease_ms=lease_ms, tokens=tokens)
+
     #: KEYS: the prelude's. ARGV: token, lease ms. Returns 1 when the lease was renewed, 0
     #: when it was lost.
     EXTEND_LOCK = LOCK_PRELUDE + """
@@ -685,10 +706,12 @@ class Scripts:
         try:
             return script(keys=keys, args=args, client=self.client)
         except CONNECTION_ERRORS as exc:
-            raise LockStoreUnavailable(
-                f"cannot reach the lock store at {safe_url(self.url)}: {exc}",
-                url=safe_url(self.url),
-            ) from exc
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: Exception) -> LockStoreUnavailable:
+        return LockStoreUnavailable(
+            f"cannot reach the lock store at {safe_url(self.url)}: {exc}",
+            url=safe_url(self.url))
 
 
 class Pending(Generic[T]):

@@ -87,6 +87,8 @@ class Resolved:
 
     def with_call(self, per_call: Mapping[str, Any]) -> Resolved:
         """These options with a call's own (checked already) in their place."""
+        if not per_call:
+            return self
         values = {k: v for k, v in per_call.items() if v is not None and k in _RESOLVED}
         return dataclasses.replace(self, **values) if values else self
 

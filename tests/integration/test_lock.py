@@ -11,6 +11,7 @@ import time
 import uuid
 from typing import Any
 
+import pytest
 import redis
 
 from celery_unique.store import Store
@@ -284,3 +285,46 @@ def test_a_run_that_ended_is_not_run_again_by_a_late_copy(
     assert lock.acquire("a", run="a:0") == [3, "a", -1]  # the longer window is kept
     assert 0 < lock.store.client.pttl(f"{lock.base}:ran") <= 60_000
     assert lock.keys() == []
+
+
+def test_the_places_of_several_locks_are_marked_in_one_round_trip(
+    unique_redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker's sweep marks the places it holds for all its locks with one pipeline;
+    a script the server lost (SCRIPT FLUSH, a restart) is loaded and run again."""
+    store = make_store(unique_redis_server)
+    locks = [Lock(store) for _ in range(3)]
+    for lock in locks:
+        store.send_enter_line(lock.base, "held", 3_600_000).result()
+    marks = [(lock.base, 5_000, ["held"]) for lock in locks]
+    def evalshas() -> int:
+        stats = store.client.info("commandstats").get("cmdstat_evalsha", {})
+        return int(stats.get("calls", 0))  # refused ones (NOSCRIPT) included
+
+    store.arrive(locks[0].base, lease_ms=5_000, tokens=["held"])  # the script is loaded
+
+    writes: list[int] = []
+    send = redis.connection.Connection.send_packed_command
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        writes.append(1)
+        return send(self, *args, **kwargs)
+
+    for flush in (False, True):
+        if flush:
+            store.client.script_flush()
+        before = evalshas()
+        writes.clear()
+        monkeypatch.setattr(redis.connection.Connection, "send_packed_command", counted)
+        store.arrive_many(marks)
+        monkeypatch.undo()
+        sent = evalshas() - before
+        if not flush:
+            assert len(writes) == 1  # one round trip for the three locks
+        server_ms = store.client.time()[0] * 1000
+        for lock in locks:  # each place now one lease ahead, not an hour
+            deadline = store.client.zscore(f"{lock.base}:arrival", "held")
+            assert deadline is not None and server_ms < deadline <= server_ms + 6_000
+        # Three EVALSHAs, pipelined; after a flush, the three are refused and run again
+        # alone (the first of those refused too, then loaded).
+        assert sent == (3 if not flush else 7), sent
