@@ -16,6 +16,8 @@ Variants (distinct keys: nobody waits):
 - ``celery-unique``: ``lock="{key}"`` (two commands: take, release).
 - ``unique+queueing``: ``queueing_lock="{key}", lock="{key}"`` (still two: taking the
   lock releases the queueing lock in the same script).
+- ``unique-skip``: ``lock="{key}", on_locked="skip"``: the same two commands, without a
+  line (no place taken at enqueue, none kept while the worker holds the message).
 
 Then, in ``"order"`` mode, ``--ordered`` jobs share one lock: the delay from one job's
 end to the next one's start (release, publishing the woken job again, the broker, the
@@ -48,7 +50,8 @@ from celery_unique.testing import RedisServer, wait_for
 
 SERVER = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379")
 RECORD = Path(os.environ.get("BENCH_RECORD", tempfile.gettempdir()))
-VARIANTS = ["plain", "celery-once", "cookbook", "celery-unique", "unique+queueing"]
+VARIANTS = ["plain", "celery-once", "cookbook", "celery-unique", "unique+queueing",
+            "unique-skip"]
 
 app = Celery("bench_execute", broker=f"{SERVER}/0", set_as_current=False)
 app.conf.update(
@@ -115,6 +118,11 @@ def unique(run: str, key: str, n: int) -> None:
 @app.task(name="unique+queueing", base=UniqueTask, queueing_lock="{key}", lock="{key}",
           shared=False)
 def unique_queueing(run: str, key: str, n: int) -> None:
+    record(run, n, time.time())
+
+
+@app.task(name="unique-skip", base=UniqueTask, lock="{key}", on_locked="skip", shared=False)
+def unique_skip(run: str, key: str, n: int) -> None:
     record(run, n, time.time())
 
 

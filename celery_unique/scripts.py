@@ -404,7 +404,7 @@ class Scripts:
                         line_base: str | None, wait_ms: int) -> Taken:
         """Push ``message`` onto kombu's ``queue`` with its locks (:data:`PUSH_WITH_LOCKS`),
         on kombu's ``client`` (the broker's server, which is ours); ``owner`` keeps the
-        connection between calls (see :func:`~celery_unique.connections.run_on`)."""
+        connection between calls (see :func:`run_on`)."""
         keys, args = [queue], [message, token, "", ""]
         if queueing_key:
             keys.append(queueing_key)
@@ -413,7 +413,9 @@ class Scripts:
             keys.extend(line_keys(line_base))
             args[3] = str(wait_ms)
         reply = run_on(client, self._pool_args, self._push, keys, args, owner)
-        return _taken(token, ttl_ms)(reply)
+        if reply is None:  # the hot path: no parser to build
+            return Taken(True, token, ttl_ms)
+        return Taken(False, text(reply[0]), int(reply[1]))
 
     #: At enqueue, a job takes its place in its lock's line ("order"): creation order.
     #: KEYS: the lock's line, seq and arrival keys. ARGV: token, ms it may take to reach a

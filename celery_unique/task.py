@@ -204,8 +204,11 @@ class UniqueTask(Task):  # type: ignore[misc]
     def _unique_job(self, args: tuple[Any, ...], kwargs: dict[str, Any],
                     task_id: str | None, per_call: Mapping[str, Any]) -> Job | None:
         """What this call asks of the locks (None: nothing, a plain publish)."""
-        queueing = self._unique_check_call(per_call)
-        lock_spec = self._unique_spec(per_call, "lock")
+        if per_call or self._unique_binder is None:
+            queueing = self._unique_check_call(per_call)
+            lock_spec = self._unique_spec(per_call, "lock")
+        else:  # the common case, on every enqueue: the task's own specs
+            queueing, lock_spec = self._unique_queueing, self._unique_lock
         # A call under the running job's own id may be its retry (Enqueue tells).
         stack = self.request_stack  # None until the task is bound
         top = stack.top if stack is not None and task_id is not None else None
