@@ -173,14 +173,33 @@ def _until(predicate: Callable[[], Any], what: str, progress: Callable[[], str],
 
 def _duplicates(demo_app: ModuleType) -> None:
     """Scene 1: 1,000 ``delay()`` of one report from 8 threads: one queued."""
-    from .exceptions import AlreadyQueued
 
     print("scene 1: the queueing lock. 1,000 calls of send_pdf_report.delay("
           "'alice@example.com') from 8 threads, while the first one is still queued")
     counts = {"queued": 0, "rejected": 0}
     durations: list[float] = []
-    lock = threading.Lock()
     example: list[str] = []
+    wall = _burst(demo_app, counts, durations, example)
+    demo_app.store.set(demo_app.key("burst-over"), 1)
+    _until(lambda: demo_app.store.llen(demo_app.key("reports")) == counts["queued"],
+           "the report to run", lambda: "waiting for the report to run")
+    durations.sort()
+    p50 = durations[len(durations) // 2] * 1e6
+    _verdict(f"{counts['queued']} queued, {counts['rejected']} rejected as duplicates,"
+             f" {demo_app.store.llen(demo_app.key('reports'))} ran;"
+             f" 1,000 calls in {wall:.2f} s, {wall * 1e3:.0f} µs per call"
+             f" (each call took {p50:.0f} µs at the median, 8 threads sharing one"
+             " interpreter)")
+    if example:
+        _verdict(f"a duplicate raised AlreadyQueued: {example[0]}")
+
+
+def _burst(demo_app: ModuleType, counts: dict[str, int], durations: list[float],
+           example: list[str]) -> float:
+    """8 threads call ``delay()`` 125 times each; returns the wall time it took."""
+    from .exceptions import AlreadyQueued
+
+    lock = threading.Lock()
 
     def caller() -> None:
         for _ in range(125):
@@ -206,19 +225,7 @@ def _duplicates(demo_app: ModuleType) -> None:
         time.sleep(0.05)
     for t in threads:
         t.join()
-    wall = time.perf_counter() - began
-    demo_app.store.set(demo_app.key("burst-over"), 1)
-    _until(lambda: demo_app.store.llen(demo_app.key("reports")) == counts["queued"],
-           "the report to run", lambda: "waiting for the report to run")
-    durations.sort()
-    p50 = durations[len(durations) // 2] * 1e6
-    _verdict(f"{counts['queued']} queued, {counts['rejected']} rejected as duplicates,"
-             f" {demo_app.store.llen(demo_app.key('reports'))} ran;"
-             f" 1,000 calls in {wall:.2f} s, {wall * 1e3:.0f} µs per call"
-             f" (each call took {p50:.0f} µs at the median, 8 threads sharing one"
-             " interpreter)")
-    if example:
-        _verdict(f"a duplicate raised AlreadyQueued: {example[0]}")
+    return time.perf_counter() - began
 
 
 def _alphabet(demo_app: ModuleType) -> None:
