@@ -1,9 +1,9 @@
 """``UniqueTask``: the Celery task base class that takes and releases the locks.
 
 It joins the two sides: the caller's (:meth:`UniqueTask.apply_async` builds a
-:class:`~celery_unique.enqueue.Job` and hands it to :mod:`celery_unique.enqueue`) and the
+``enqueue.Job`` and hands it to ``celery_unique.enqueue``) and the
 worker's (:meth:`UniqueTask.__call__` and ``task_postrun`` hand the job's header to
-:mod:`celery_unique.lock`).
+``celery_unique.lock``).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from celery_unique.store import get_store
 from celery_unique.testing import RedisServer, wait_for
 
 from .conftest import Worker
@@ -84,7 +85,7 @@ def test_the_store_killed_and_restarted_five_times_while_jobs_run_and_park(
     coord = redis.Redis.from_url(f"{unique_redis_server.url}/4")
     store_url = f"{lock_store.url}/0"
     tasks.app.conf.unique_redis_url = store_url
-    tasks.through_outage._unique_store_obj = None
+    get_store(tasks.app)  # the app's tasks use the store its settings name now
     worker = Worker(unique_redis_server, concurrency=4, name=f"ko-{queue}", queues=queue,
                     env={"CELERY_UNIQUE_TEST_STORE_URL": store_url,
                          "CELERY_UNIQUE_TEST_RESULTS": results})
@@ -134,4 +135,4 @@ def test_the_store_killed_and_restarted_five_times_while_jobs_run_and_park(
     finally:
         worker.stop()
         tasks.app.conf.unique_redis_url = f"{unique_redis_server.url}/{tasks.STORE_DB}"
-        tasks.through_outage._unique_store_obj = None
+        get_store(tasks.app)

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from celery_unique import admin
 from celery_unique.cli import DUPLICATE
+from celery_unique.store import get_store
 from celery_unique.testing import RedisServer
 from celery_unique.wire import ParkedMessage
 
@@ -35,8 +36,7 @@ def cli(unique_redis_server: RedisServer) -> Iterator[Any]:
     from tests.integration import cli_app
 
     cli_app.app.conf.update(broker_url=url, unique_redis_url=url)
-    for task in (cli_app.report, cli_app.locked):
-        task._unique_store_obj = None
+    get_store(cli_app.app)  # its tasks use the store its settings name now
     try:
         runner = CliRunner(mix_stderr=False)  # type: ignore[call-arg]
     except TypeError:  # click >= 8.2: stderr is always apart
