@@ -61,13 +61,13 @@ class JobHeader(NamedTuple):
 
     def to_header(self) -> dict[str, Any]:
         """The header's value (JSON-ready, short names: it travels with every message)."""
-        out: dict[str, Any] = {}
-        if self.queueing_key is not None:
-            out.update(q=self.queueing_key, t=self.lease_ms, until=self.until)
+        # Dict literals, not update(): this runs on every enqueue.
+        out: dict[str, Any] = {} if self.queueing_key is None else {
+            "q": self.queueing_key, "t": self.lease_ms, "until": self.until}
         lock = self.lock
         if lock is not None:
-            out.update(l=lock.base, o=lock.mode, n=lock.limit, lt=lock.lease_ms,
-                       lw=lock.wait_ms)
+            out["l"], out["o"], out["n"] = lock.base, lock.mode, lock.limit
+            out["lt"], out["lw"] = lock.lease_ms, lock.wait_ms
         if self.on_store_error is not None:
             out["e"] = self.on_store_error
         if self.queue is not None:
