@@ -22,7 +22,7 @@ from celery import Celery
 from redis.cluster import RedisCluster
 
 from .broker import publish_woken
-from .keys import LOCK_KEY_SUFFIXES, registry_key
+from .keys import LOCK_KEY_SUFFIXES, glob_escape, registry_key
 from .scripts import text
 from .settings import setting
 from .store import Store, get_store
@@ -95,10 +95,6 @@ def _splitter(app: Celery, scoped: bool) -> Any:
     return split
 
 
-def _glob(text: str) -> str:
-    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
-
-
 def iter_locks(app: Celery, *, match: str | None = None, task: str | None = None,
                kind: str | None = None, page: int = _PAGE) -> Iterator[LockInfo]:
     """Every lock of ``app``'s store, a page at a time, in the order ``SCAN`` finds them.
@@ -112,7 +108,7 @@ def iter_locks(app: Celery, *, match: str | None = None, task: str | None = None
     # One pass over the keyspace for both kinds: a scan costs the size of the whole
     # keyspace however few keys match, so a pass per kind would double the listing.
     letter = {"queueing": "q", "lock": "l", None: "[ql]"}[kind]
-    pattern = f"{_glob(_prefix(app))}:{letter}:{{{_glob(task) + ':' if task else ''}*"
+    pattern = f"{glob_escape(_prefix(app))}:{letter}:{{{glob_escape(task) + ':' if task else ''}*"
     for keys in _pages(store.client, pattern, page):
         for info in _infos(app, store, list(_entries(app, keys))):
             if _wanted(info, match, task):

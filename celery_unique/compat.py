@@ -22,7 +22,7 @@ from celery.result import AsyncResult, EagerResult
 from . import admin
 from .exceptions import AlreadyQueued as _AlreadyQueued
 from .exceptions import ConfigurationError
-from .keys import build_key
+from .keys import build_key, glob_escape
 from .settings import setting
 from .task import UniqueTask
 
@@ -334,7 +334,7 @@ def clear_locks(app: Celery) -> int:
         # A prefix of their own (singleton_key_prefix): every queueing lock under it.
         client = next(t for t in tasks if t._unique_defaults.key_prefix == prefix
                       )._unique_store().client
-        for key in client.scan_iter(match=f"{admin._glob(str(prefix))}:q:*", count=1000):
+        for key in client.scan_iter(match=f"{glob_escape(str(prefix))}:q:*", count=1000):
             count += int(client.delete(key))
     if app_prefix in prefixes:
         for task in tasks:

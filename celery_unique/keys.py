@@ -19,7 +19,7 @@ from typing import Any, Union
 from .exceptions import ConfigurationError, KeyBuildError
 
 __all__ = ["Binder", "CompiledSpec", "LockSpec", "build_key", "canonical", "compile_spec",
-           "line_keys", "lock_keys", "registry_key"]
+           "glob_escape", "line_keys", "lock_keys", "registry_key"]
 
 #: What ``queueing_lock`` and ``lock`` accept.
 LockSpec = Union[str, Callable[..., str], bool, None]
@@ -294,6 +294,11 @@ def lock_keys(base: str) -> list[str]:
 def line_keys(base: str) -> list[str]:
     """The keys a job entering the line of ``base`` writes: its line, seq and arrival."""
     return [f"{base}:line", f"{base}:seq", f"{base}:arrival"]
+
+
+def glob_escape(text: str) -> str:
+    """``text`` matched literally in a ``SCAN``/``ZSCAN`` ``MATCH`` pattern."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
 def registry_key(prefix: str) -> str:

@@ -16,7 +16,7 @@ from celery import Celery
 from redis.cluster import RedisCluster
 
 from .exceptions import ConfigurationError
-from .keys import lock_keys
+from .keys import glob_escape, lock_keys
 from .scripts import Scripts, read_keys, text
 from .settings import redis_url, safe_url, setting
 from .state import app_state
@@ -79,8 +79,7 @@ class Store(Scripts):
     def registered(self, registry: str, base: str) -> RegistryEntry | None:
         """The registry's entry for the lock ``base``, if it has one."""
         suffix = RegistryEntry.suffix(base)
-        glob = "".join(f"\\{c}" if c in "*?[]\\" else c for c in suffix)
-        for member, _ in self.client.zscan_iter(registry, match=f"*{glob}"):
+        for member, _ in self.client.zscan_iter(registry, match=f"*{glob_escape(suffix)}"):
             if text(member).endswith(suffix):
                 return RegistryEntry.parse(text(member))
         return None
