@@ -40,10 +40,13 @@ app.conf.update(
     result_expires=600,
     # How long a message received by a worker that died stays invisible (tests of that
     # shorten it; Redis' default is an hour), and how often kombu >= 5.6 looks for such
-    # messages (older kombu looks whenever a poll finds the queues empty).
+    # messages (older kombu looks whenever a poll finds the queues empty). Every worker
+    # looks under kombu's mutex: one SIGKILLed while holding it stops every restore for
+    # unacked_mutex_expire (300 s by default), so the tests that kill workers shorten it.
     broker_transport_options={
         "visibility_timeout": float(os.environ.get("CELERY_UNIQUE_TEST_VISIBILITY", "3600")),
-        "unacked_restore_interval": 1, "unacked_restore_throttle": 1},
+        "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": 5},
 )
 coord = redis.Redis.from_url(f"{SERVER}/4")
 

@@ -59,6 +59,19 @@ class Scene:
                  what="four prefetched jobs")
         return first
 
+    def report(self) -> str:
+        """What a failed wait shows: the runs, the lock's keys and the workers' logs."""
+        keys = {k.decode(): self.broker.type(k).decode()
+                for k in self.broker.scan_iter(match=f"*{self.run}*")}
+        dump = {k: (self.broker.zrange(k, 0, -1, withscores=True) if t == "zset" else
+                    self.broker.hkeys(k) if t == "hash" else self.broker.get(k)
+                    if t == "string" else t) for k, t in keys.items()}
+        logs = "\n".join(f"--- {w.hostname}\n{w.logs()[-6000:]}" for w in self.workers)
+        return (f"starts {rows(self.coord, f'starts:{self.run}')}\n"
+                f"intervals {rows(self.coord, f'intervals:{self.run}')}\n"
+                f"queue {self.broker.llen(self.queue)} unacked {self.broker.hlen('unacked')}\n"
+                f"keys {dump}\n{logs}")
+
     def ended(self, count: int) -> list[Any]:
         """The ``count`` jobs that ran, in the order they started."""
         wait_for(lambda: self.coord.llen(f"intervals:{self.run}") == count, timeout=120,
@@ -111,7 +124,10 @@ def test_a_worker_killed_with_prefetched_jobs_blocks_the_line_one_lease_at_most(
             channel.qos.restore_visible(interval=1)
             return scene.coord.llen(f"intervals:{scene.run}") == 8
 
-        wait_for(restored, timeout=120, interval=0.5, what="the prefetched jobs to return")
+        try:
+            wait_for(restored, timeout=120, interval=0.5, what="the prefetched jobs to return")
+        except TimeoutError:
+            raise AssertionError(scene.report()) from None
     ended = scene.ended(8)  # job 0 died with its worker (acknowledged when it started)
     never_delivered = [r for r in ended if r[0] >= 5]
     # The jobs the killed worker never received: in creation order, soon after (not after
