@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from celery import Task
+from celery import Celery, Task
 from celery.exceptions import Ignore
 from celery.states import REJECTED, RETRY, REVOKED
 
@@ -30,7 +30,7 @@ from .state import app_state
 from .store import Store, store_of
 from .wire import HEADER, JobHeader, Lock, RegistryEntry, run_id
 
-__all__ = ["JobRun", "finish", "release_lock", "start", "started"]
+__all__ = ["JobRun", "finish", "release_lock", "release_unrun", "start", "started"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ def finish(task: Task, state: str, retval: Any) -> None:
         # Every end releases the lock, a retry too: it goes to the back of the line.
         # A run that ended on a worker is remembered, unless its message goes back.
         ran = "" if request.is_eager or again else run_id(request)
-        release_lock(task, request.id, lock, state, header.queue if header else None, ran)
+        release_lock(task.app, task, request.id, lock, state,
+                     header.queue if header else None, ran)
     if header is None or not header.queueing_key or run.released:
         return
     if state == RETRY or again:
@@ -277,15 +278,16 @@ def _requeue(task: Task, run: JobRun, lock: Lock, counter: str = "w",
 
 # -- releasing ---------------------------------------------------------------------------
 
-def release_lock(task: Task, token: str, lock: Lock, state: str, queue: str | None = None,
-                 ran: str = "") -> None:
+def release_lock(app: Celery, sender: Any, token: str, lock: Lock, state: str,
+                 queue: str | None = None, ran: str = "") -> None:
     """Release the job's lock (or its place in line) and publish the jobs it wakes.
 
-    ``queue``: the job's own queue; a woken job parked from it is pushed by the release
-    script itself, so a releasing process that dies cannot lose it. ``ran``: the run that
-    ended (``wire.run_id``), remembered for a while so that a late copy is dropped.
+    ``sender``: the task (or, for a message no task took, its name), the sender of
+    :data:`~celery_unique.signals.lock_released`. ``queue``: the job's own queue; a woken
+    job parked from it is pushed by the release script itself, so a releasing process that
+    dies cannot lose it. ``ran``: the run that ended (``wire.run_id``), remembered for a
+    while so that a late copy is dropped.
     """
-    app = task.app
     worker_runtime(app).renewer.remove(token)
     store = store_of(app)
     try:
@@ -297,8 +299,19 @@ def release_lock(task: Task, token: str, lock: Lock, state: str, queue: str | No
         return
     publish_woken(app, store, released.woken)
     if released.held:
-        unique_signals.lock_released.send(sender=task, key=lock.base, task_id=token,
+        unique_signals.lock_released.send(sender=sender, key=lock.base, task_id=token,
                                           state=state)
+
+
+def release_unrun(app: Celery, sender: Any, token: str, header: JobHeader, why: str, *,
+                  queueing: bool = True) -> None:
+    """A job that will not run now (revoked, discarded, its process lost) frees what its
+    header names: its lock or place in line, and its queueing lock unless ``queueing`` is
+    false (it runs again)."""
+    if queueing and header.queueing_key:
+        store_of(app).release_quietly(header.queueing_key, token, why)
+    if header.lock is not None:
+        release_lock(app, sender, token, header.lock, why, header.queue)
 
 
 def ran_window_ms(lock: Lock) -> int:

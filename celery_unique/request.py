@@ -1,9 +1,12 @@
-"""The worker's request class for unique tasks: releases locks from the main process.
+"""The worker's main process: what frees a job's locks when its message ends there.
 
 Some ends of a job never reach the pool process's tracer: a revoked or expired message is
 discarded by the main process, a killed pool process (``WorkerLostError``) or a hard time
-limit (older Celery skips ``after_return`` there) is handled by it. Each releases the
-job's locks here, owner-checked, so a lock taken by a later job is never touched.
+limit (older Celery skips ``after_return`` there) is handled by it (:class:`UniqueRequest`);
+a message no task takes (an unregistered task, a content type the worker refuses, a body
+that does not decode) is dropped before any request exists (:func:`on_discarded`). Each
+releases the job's locks here, owner-checked, so a lock taken by a later job is never
+touched.
 """
 
 from __future__ import annotations
@@ -13,12 +16,11 @@ from typing import Any
 from billiard.exceptions import Terminated, WorkerLostError
 from celery.worker.request import Request
 
-from .lock import release_lock
+from .lock import release_unrun
 from .runtime import worker_runtime
-from .store import store_of
 from .wire import HEADER, JobHeader, Lock
 
-__all__ = ["UniqueRequest"]
+__all__ = ["UniqueRequest", "on_discarded", "watch_decode_errors"]
 
 
 class UniqueRequest(Request):  # type: ignore[misc]
@@ -57,11 +59,7 @@ class UniqueRequest(Request):  # type: ignore[misc]
         if self._unique_done or header is None:
             return
         self._unique_done = True
-        if queueing and header.queueing_key:
-            store_of(self.task.app).release_quietly(header.queueing_key, self.id, why)
-        if header.lock is not None:
-            # Held, or a place in line: either way the job will not run now.
-            release_lock(self.task, self.id, header.lock, why, header.queue)
+        release_unrun(self.task.app, self.task, self.id, header, why, queueing=queueing)
 
     def revoked(self) -> bool:
         revoked = bool(super().revoked())
@@ -102,3 +100,31 @@ class UniqueRequest(Request):  # type: ignore[misc]
             # takes its lock again.
             again = self._unique_requeued or self._unique_retried
             self._unique_release("worker lost", queueing=not again)
+
+
+def _release_dropped(consumer: Any, message: Any, why: str) -> None:
+    headers = getattr(message, "headers", None)
+    if not isinstance(headers, dict):
+        return
+    header = JobHeader.from_header(headers.get(HEADER))
+    token = headers.get("id")
+    if header is not None and isinstance(token, str):
+        release_unrun(consumer.app, headers.get("task"), token, header, why)
+
+
+def on_discarded(sender: Any = None, message: Any = None, exc: Any = None, **_: Any) -> None:
+    """``task_unknown`` / ``task_rejected``: the worker dropped a message without running it
+    (no such task here, a content type it does not accept, an invalid message)."""
+    _release_dropped(sender, message, f"message dropped: {type(exc).__name__}")
+
+
+def watch_decode_errors(consumer: Any) -> None:
+    """A message whose body does not decode is acknowledged and dropped by the consumer,
+    with no signal: its locks are freed here, before it is acknowledged."""
+    original = consumer.on_decode_error
+
+    def on_decode_error(message: Any, exc: Exception) -> None:
+        _release_dropped(consumer, message, "message dropped: it does not decode")
+        original(message, exc)
+
+    consumer.on_decode_error = on_decode_error

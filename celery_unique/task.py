@@ -259,6 +259,9 @@ def _on_task_postrun(sender: Any = None, state: str = "", retval: Any = None,
 
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     """A worker sweeps only where locks are used (see :func:`runtime.on_worker_ready`)."""
+    from .request import watch_decode_errors  # worker-side: not imported by callers
+
+    watch_decode_errors(sender)
     tasks = [t for t in sender.app.tasks.values() if isinstance(t, UniqueTask)]
     locked = [t for t in tasks if t._unique_lock is not None]
     runtime.on_worker_ready(
@@ -266,5 +269,14 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         ordered=any(t._unique_defaults.on_locked == "order" for t in locked))
 
 
+def _on_discarded(sender: Any = None, **kwargs: Any) -> None:
+    from .request import on_discarded  # worker-side: not imported by callers
+
+    on_discarded(sender, **kwargs)
+
+
 signals.task_postrun.connect(_on_task_postrun, weak=False)
 signals.worker_ready.connect(_on_worker_ready, weak=False)
+# A message the worker drops before any request exists frees its locks.
+signals.task_unknown.connect(_on_discarded, weak=False)
+signals.task_rejected.connect(_on_discarded, weak=False)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import kombu.serialization
 import pytest
 import redis
 from celery import chain
 
-from celery_unique import AlreadyQueued
+from celery_unique import AlreadyQueued, UniqueTask
 from celery_unique.testing import wait_for
 
 pytestmark = pytest.mark.acceptance
@@ -92,6 +93,56 @@ def test_discarded_before_running_releases(tasks: Any, store: Any, how: str) -> 
     assert store.exists(k)
     wait_for(gone(store, k), timeout=20, what=f"the lock to be released ({how})")
     assert result.state == "REVOKED"
+
+
+def _known_here_only(app: Any) -> Any:
+    """A unique task the test process knows and the worker does not (a deploy where the
+    publisher runs the new code first)."""
+    name = "acceptance.deployed_later"
+    if name not in app.tasks:
+        @app.task(base=UniqueTask, queueing_lock="later_{token}", name=name, shared=False)
+        def deployed_later(token: str) -> None: ...
+    return app.tasks[name]
+
+
+def _broken_json() -> str:
+    """A serializer that labels a body that does not parse as JSON, as a buggy publisher
+    would (the worker's JSON decoder is kept for what the test process reads)."""
+    registry = kombu.serialization.registry
+    json_decoder = registry._decoders["application/json"]
+    registry.register("celery-unique-broken", lambda _: "{not json", json_decoder,
+                      content_type="application/json", content_encoding="utf-8")
+    return "celery-unique-broken"
+
+
+@pytest.mark.parametrize("how", ["unregistered", "refused", "undecodable"])
+def test_a_message_the_worker_drops_frees_its_locks(
+    tasks: Any, store: Any, worker: Any, how: str,
+) -> None:
+    """The worker drops a message without running it: its task is not registered there
+    (yet), its content type is not accepted (pickle), its body does not decode. Its
+    queueing lock and its place in its lock's line are freed at once, not left for the
+    queueing lock's timeout (an hour)."""
+    t = token()
+    base, queue = f"celery_unique:l:{{drop_{t}}}", f"drop-{t}"
+    if how == "unregistered":
+        task, k = _known_here_only(tasks.app), key("deployed_later", f"later_{t}")
+        result = task.apply_async((t,), lock=f"drop_{t}", queue=queue)
+    else:
+        serializer = "pickle" if how == "refused" else _broken_json()
+        task, k = tasks.finished_job, key("finished_job", f"job_{t}")
+        result = task.apply_async((t,), lock=f"drop_{t}", serializer=serializer, queue=queue)
+    # Queued where no worker looks yet: both locks are held.
+    assert store.get(k) == result.id.encode()
+    assert store.zscore(f"{base}:line", result.id) is not None
+    tasks.app.control.add_consumer(queue, destination=[worker.hostname], reply=True)
+    try:
+        wait_for(gone(store, k), timeout=20, what=f"the queueing lock to be freed ({how})")
+        wait_for(lambda: store.zscore(f"{base}:line", result.id) is None, timeout=5,
+                 what="its place in line to be given up")
+        assert not store.exists(f"{base}:holders", f"{base}:arrival", f"{base}:parked")
+    finally:
+        tasks.app.control.cancel_consumer(queue, destination=[worker.hostname], reply=True)
 
 
 def test_retry_holds_the_lock_while_waiting(tasks: Any, store: Any, coord: Any) -> None:

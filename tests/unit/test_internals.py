@@ -99,6 +99,16 @@ def _default_app() -> None:
     assert hasattr(celery._state, "default_app")
 
 
+def _on_decode_error() -> None:
+    from celery.worker.consumer import Consumer
+
+    # The task handler reaches the consumer's on_decode_error through ``self`` at each
+    # message, so the one the worker_ready handler sets on the instance is called.
+    source = inspect.getsource(Consumer.create_task_handler)
+    assert "self.on_decode_error(message, exc)" in source, (
+        "the task handler no longer calls self.on_decode_error")
+
+
 CHECKS: dict[str, Callable[[], None]] = {
     "kombu.transport.redis.Channel._put": _put_shape,
     "kombu.transport.redis.Channel._put_fanout": _callable(Channel, "_put_fanout"),
@@ -113,6 +123,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "celery.worker.request.Request._context": _context,
     "celery.worker.request.Request._retry_worker_lost": _retry_worker_lost,
     "celery._state.default_app": _default_app,
+    "celery.worker.consumer.Consumer.on_decode_error": _on_decode_error,
 }
 
 
