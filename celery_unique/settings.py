@@ -27,7 +27,7 @@ UNTIL = ("started", "finished")
 
 #: Celery settings of celery-unique (``CELERY_UNIQUE_...`` under Django's namespace).
 DEFAULTS: dict[str, Any] = {
-    "unique_redis_url": None,  # None: broker_url when it is Redis, else localhost
+    "unique_redis_url": None,  # None: broker_url when it is Redis (else an error)
     "unique_redis_options": None,
     "unique_redis_cluster": False,  # True: a Redis Cluster client (redis.cluster)
     "unique_redis_client": None,  # a callable(app) returning the Redis client to use
@@ -124,6 +124,11 @@ def setting(app: Celery, name: str) -> Any:
 
 
 def redis_url(app: Celery) -> str:
+    """The lock store's URL: ``unique_redis_url``, else the broker's when it is Redis.
+
+    Raises :class:`ConfigurationError` for any other broker: guessing a server there
+    (``localhost``) would put the locks where no one looks, or in a developer's Redis.
+    """
     url = app.conf.get("unique_redis_url")
     if url:
         return str(url)
@@ -131,7 +136,11 @@ def redis_url(app: Celery) -> str:
     if isinstance(broker, str) and broker.split("://", 1)[0] in ("redis", "rediss", "unix",
                                                                  "sentinel"):
         return broker
-    return "redis://localhost:6379/0"
+    raise ConfigurationError(
+        f"celery-unique keeps its locks in Redis, and the broker"
+        f" ({safe_url(broker) if isinstance(broker, str) else 'amqp, the default'}) is not"
+        " Redis: set unique_redis_url (for example redis://localhost:6379/0)",
+        option="unique_redis_url")
 
 
 def safe_url(url: str) -> str:

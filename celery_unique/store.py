@@ -176,19 +176,24 @@ def get_store(app: Celery) -> Store:
     """The app's store, made on first use, and made again when its settings changed
     (after a fork redis-py's pool resets by itself)."""
     state = app_state(app)
-    url = redis_url(app)
+    store: Store | None = state.store
+    if store is not None and store.pinned:  # a test's store, whatever the settings say
+        state.stale = False
+        return store
+    factory = setting(app, "unique_redis_client")
+    # A client of the user's own needs no URL: it is only shown.
+    url = redis_url(app) if factory is None else str(
+        app.conf.get("unique_redis_url") or "(unique_redis_client)")
     options = setting(app, "unique_redis_options")
     cluster = bool(setting(app, "unique_redis_cluster"))
-    factory = setting(app, "unique_redis_client")
     if url.startswith("sentinel://") and not app.conf.get("unique_redis_url"):
         # The broker's Sentinel: its master_name (and sentinel_kwargs) are kombu's.
         transport = app.conf.broker_transport_options or {}
         options = {**{k: transport[k] for k in ("master_name", "sentinel_kwargs")
                       if k in transport}, **(options or {})}
     settings = (url, options, cluster, factory)
-    store: Store | None = state.store
     # A changed setting (tests, a reconfigured app) builds a new client, not a stale one.
-    if store is None or not (store.pinned or state.settings == settings):
+    if store is None or state.settings != settings:
         with _lock:
             if factory is not None:
                 # Anything else (a proxy, a custom connection class): the user's client.

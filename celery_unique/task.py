@@ -21,7 +21,7 @@ from celery.states import REVOKED
 from . import lock as run_side
 from . import runtime
 from .enqueue import Enqueue, Job
-from .exceptions import AlreadyQueued
+from .exceptions import AlreadyQueued, ConfigurationError
 from .keys import (
     Binder,
     CompiledSpec,
@@ -263,6 +263,12 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
 
     watch_decode_errors(sender)
     tasks = [t for t in sender.app.tasks.values() if isinstance(t, UniqueTask)]
+    if tasks:
+        try:
+            store_of(sender.app)  # a client, not connected yet: the settings checked
+        except ConfigurationError as exc:
+            logger.error("celery-unique: %s. Until then every unique task's job fails.", exc)
+            return
     locked = [t for t in tasks if t._unique_lock is not None]
     runtime.on_worker_ready(
         sender, locked=bool(locked), unique=bool(tasks),

@@ -22,7 +22,8 @@ QUEUE = os.environ.get("CELERY_UNIQUE_TEST_AMQP_QUEUE", "celery-unique-test")
 
 app = Celery("amqp_acceptance", broker=BROKER)
 app.conf.update(
-    unique_redis_url=f"{SERVER}/1",
+    # Unset by a test: a non-Redis broker with no lock store named.
+    unique_redis_url=None if os.environ.get("CELERY_UNIQUE_TEST_NO_STORE") else f"{SERVER}/1",
     task_default_queue=QUEUE,
     task_queues=[Queue(QUEUE, auto_delete=True)],
     task_publish_retry=False,

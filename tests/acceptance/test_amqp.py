@@ -69,3 +69,23 @@ def test_alphabet_and_duplicates_over_rabbitmq(amqp: Any) -> None:
              what="26 letters")
     assert path.read_text() == string.ascii_lowercase
 
+
+
+def test_a_worker_with_no_lock_store_named_says_so_once(amqp: Any,
+                                                       unique_redis_server: RedisServer
+                                                       ) -> None:
+    """RabbitMQ and no unique_redis_url: no guess at a local Redis. The worker says what
+    to set, once, at start, and starts nothing (the caller's side: test_queueing_lock)."""
+    queue = f"celery-unique-test-{uuid.uuid4().hex[:8]}"
+    env = {"CELERY_UNIQUE_TEST_REDIS": unique_redis_server.url,
+           "CELERY_UNIQUE_TEST_AMQP": BROKER, "CELERY_UNIQUE_TEST_AMQP_QUEUE": queue,
+           "CELERY_UNIQUE_TEST_NO_STORE": "1"}
+    worker = Worker(unique_redis_server, concurrency=1, name="amqp-nostore", queues=queue,
+                    app="tests.acceptance.amqp_app", env=env)
+    try:
+        worker.wait_ready()
+        assert worker.logs().count("set unique_redis_url") == 1
+        assert "sweeping the locks" not in worker.logs()  # nothing started
+    finally:
+        worker.stop()
+        delete_queue(BROKER, queue)

@@ -11,7 +11,7 @@ import redis
 from celery import Celery
 from celery.beat import ScheduleEntry, Scheduler
 
-from celery_unique import AlreadyQueued, LockStoreUnavailable, UniqueTask
+from celery_unique import AlreadyQueued, ConfigurationError, LockStoreUnavailable, UniqueTask
 from celery_unique.store import get_store
 from celery_unique.testing import RedisServer
 
@@ -129,8 +129,21 @@ def test_unreachable_lock_store_names_the_url(redis_app: Celery) -> None:
 def test_default_url_follows_a_redis_broker(unique_redis_server: Any) -> None:
     app = Celery("tests", broker=f"{unique_redis_server.url}/3", set_as_current=False)
     assert get_store(app).url == f"{unique_redis_server.url}/3"
-    amqp = Celery("tests", broker="amqp://guest@localhost//", set_as_current=False)
-    assert get_store(amqp).url == "redis://localhost:6379/0"
+
+
+
+@pytest.mark.parametrize("broker", ["amqp://guest:secret@rabbit//", None])
+def test_a_broker_not_redis_needs_the_url_set(broker: str | None) -> None:
+    """No guess (localhost): the first use names the setting, and the password is masked."""
+    app = Celery("tests", broker=broker, set_as_current=False)
+
+    @app.task(base=UniqueTask, queueing_lock="k", name="tests.k", shared=False)
+    def k() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="set unique_redis_url") as info:
+        k.delay()
+    assert info.value.option == "unique_redis_url"
+    assert "secret" not in str(info.value)
 
 
 def test_beat_duplicate_is_skipped_not_a_scheduling_error(
