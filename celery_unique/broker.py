@@ -61,6 +61,7 @@ INTERNALS: dict[str, str] = {
     "celery.worker.request.Request._context": "a retry on worker loss keeps its lock",
     "celery.worker.request.Request._retry_worker_lost": "the same (Celery >= 5.7)",
     "celery._state.default_app": "the command's app when none is given",
+    "celery._state._get_active_apps": "the test plugin's eager() reaches every app",
     "celery.worker.consumer.Consumer.on_decode_error": (
         "looked up on the consumer for each message: an undecodable job frees its locks"),
 }

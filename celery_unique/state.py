@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery
 
-__all__ = ["AppState", "app_state"]
+__all__ = ["AppState", "app_state", "every_app"]
 
 #: Keys recently found held are remembered up to this many (the oldest dropped).
 HELD_KEYS_MAX = 1024
@@ -62,3 +62,9 @@ def app_state(app: Celery) -> AppState:
     if state is None:
         state = app.__dict__.setdefault(_ATTRIBUTE, AppState())
     return state
+
+
+#: Stores that every app uses while one is here, the innermost last: the test plugin's
+#: (``celery_unique.testing.UniqueLocks``), so that no test reaches a Redis it did not
+#: start, whichever app its tasks belong to. Process-wide, like the tests it serves.
+every_app: list[Any] = []

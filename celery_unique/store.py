@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import redis
@@ -19,7 +19,7 @@ from .exceptions import ConfigurationError
 from .keys import glob_escape, lock_keys
 from .scripts import Scripts, read_keys, text
 from .settings import redis_url, safe_url, setting
-from .state import app_state
+from .state import app_state, every_app
 from .wire import RegistryEntry
 
 __all__ = ["Store", "get_store", "store_of", "use_store"]
@@ -165,6 +165,8 @@ _lock = threading.Lock()
 def store_of(app: Celery) -> Store:
     """The app's store as last made: the settings are read again only when a task was
     bound since (reading them costs more than the lock's own work)."""
+    if every_app:
+        return cast(Store, every_app[-1])
     state = app_state(app)
     store: Store | None = state.store
     if store is None or state.stale:
@@ -175,6 +177,8 @@ def store_of(app: Celery) -> Store:
 def get_store(app: Celery) -> Store:
     """The app's store, made on first use, and made again when its settings changed
     (after a fork redis-py's pool resets by itself)."""
+    if every_app:  # a test's store, for every app (celery_unique.testing)
+        return cast(Store, every_app[-1])
     state = app_state(app)
     store: Store | None = state.store
     if store is not None and store.pinned:  # a test's store, whatever the settings say

@@ -30,6 +30,7 @@ from celery import Celery
 
 from . import admin
 from .exceptions import AlreadyQueued, ConfigurationError
+from .state import every_app
 from .store import Store, use_store
 
 __all__ = ["RedisServer", "UniqueLocks", "find_redis_server", "max_overlap", "wait_for"]
@@ -168,7 +169,9 @@ class UniqueLocks:
 
     Made by the ``unique`` fixture, or by hand (``with UniqueLocks(app): ...``) with a
     client of your own (``fakeredis.FakeRedis()``, ``redis.Redis.from_url(...)``); the
-    store is flushed when it is taken and when it is given back.
+    store is flushed when it is taken and when it is given back. While it is active, the
+    unique tasks of *every* app in the process use its store, whatever their settings
+    say: a test never reaches a Redis it did not start.
     """
 
     def __init__(self, app: Celery, client: Any = None) -> None:
@@ -177,26 +180,36 @@ class UniqueLocks:
         self.client = client if client is not None else _fake_redis()
         self.store = Store.from_client(self.client)
         self._before: Store | None = None
-        self._conf: dict[str, Any] = {}
+        self._conf: dict[Celery, dict[str, Any]] = {}  # what eager() changed, per app
 
     def __enter__(self) -> UniqueLocks:
         self.client.flushdb()
         self._before = use_store(self.app, self.store)
+        # Every app's tasks, not only this one's: a test never reaches a Redis it did not
+        # start through an app it did not name (one made with set_as_current=False).
+        every_app.append(self.store)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        every_app.remove(self.store)
         self.client.flushdb()
         use_store(self.app, self._before)
-        self.app.conf.update(self._conf)
+        for app, saved in self._conf.items():
+            app.conf.update(saved)
 
     def eager(self, on: bool = True) -> None:
         """Run jobs in the caller (``task_always_eager``) for the rest of the test, with
         the locks enforced as on a worker: a duplicate of a job still queued or running
         (``queueing_lock_until="finished"``) is refused, a job whose lock is held waits
-        (``"order"``, ``"retry"``) or is skipped."""
-        self._conf.setdefault("task_always_eager", self.app.conf.task_always_eager)
-        self._conf.setdefault("task_eager_propagates", self.app.conf.task_eager_propagates)
-        self.app.conf.update(task_always_eager=on, task_eager_propagates=on)
+        (``"order"``, ``"retry"``) or is skipped. Every app in the process runs eagerly,
+        like every app uses this store: the one named (``unique_app``) and the others."""
+        from celery._state import _get_active_apps
+
+        for app in {self.app, *_get_active_apps()}:
+            saved = self._conf.setdefault(app, {})
+            saved.setdefault("task_always_eager", app.conf.task_always_eager)
+            saved.setdefault("task_eager_propagates", app.conf.task_eager_propagates)
+            app.conf.update(task_always_eager=on, task_eager_propagates=on)
 
     def locks(self, **filters: Any) -> list[admin.LockInfo]:
         """The locks held now (:func:`celery_unique.admin.iter_locks`, same filters)."""

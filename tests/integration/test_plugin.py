@@ -6,6 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import redis
+
+from celery_unique.testing import RedisServer
 
 PROJECT = Path(__file__).parent / "plugin_project"
 
@@ -38,3 +41,47 @@ def test_installed_but_not_enabled_it_changes_nothing(pytester: pytest.Pytester)
     fixtures = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--fixtures")
     assert "unique_redis_server" not in fixtures.stdout.str()
     assert "--unique-redis" not in pytester.runpytest_subprocess("--help").stdout.str()
+
+
+def test_an_app_not_named_to_the_plugin_never_reaches_its_redis(
+    pytester: pytest.Pytester, unique_redis_server: RedisServer,
+) -> None:
+    """A user's app made with ``set_as_current=False``, its lock store a real Redis named in
+    its settings, and no ``unique_app`` override: its tasks use the fixture's store, and
+    that Redis receives no command at all."""
+    watched = redis.Redis.from_url(unique_redis_server.url)
+    pytester.makepyfile(
+        userapp=f"""
+            from celery import Celery
+            from celery_unique import UniqueTask
+
+            app = Celery("userapp", broker="memory://", set_as_current=False)
+            app.conf.unique_redis_url = "{unique_redis_server.url}/7"
+
+            @app.task(base=UniqueTask, queueing_lock="report_<email>", lock="printer")
+            def report(email):
+                return email
+        """,
+        conftest='pytest_plugins = ["celery_unique.testing"]',
+        test_user="""
+            from userapp import report
+
+            def test_duplicate(unique):
+                report.delay("alice@example.com")
+                with unique.raises_duplicate():
+                    report.delay("alice@example.com")
+                assert sorted(lock.value for lock in unique.locks()) == [
+                    "printer", "report_alice@example.com"]
+
+            def test_eager(unique):
+                unique.eager()
+                assert report.delay("bob@example.com").get() == "bob@example.com"
+                assert unique.locks() == []
+        """,
+    )
+    watched.config_resetstat()
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    stats = watched.info("commandstats")
+    result.assert_outcomes(passed=2)
+    # The reset above (cmdstat_config|resetstat on Redis 7): nothing else came.
+    assert all(name.startswith("cmdstat_config") for name in stats), stats

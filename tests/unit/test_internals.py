@@ -99,6 +99,13 @@ def _default_app() -> None:
     assert hasattr(celery._state, "default_app")
 
 
+def _active_apps() -> None:
+    import celery._state
+
+    app = Celery("pin", set_as_current=False)
+    assert app in celery._state._get_active_apps()
+
+
 def _on_decode_error() -> None:
     from celery.worker.consumer import Consumer
 
@@ -123,6 +130,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "celery.worker.request.Request._context": _context,
     "celery.worker.request.Request._retry_worker_lost": _retry_worker_lost,
     "celery._state.default_app": _default_app,
+    "celery._state._get_active_apps": _active_apps,
     "celery.worker.consumer.Consumer.on_decode_error": _on_decode_error,
 }
 
