@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import Ignore
-from celery.states import REJECTED, RETRY, REVOKED
+from celery.exceptions import Ignore, Reject, Retry
+from celery.states import FAILURE, IGNORED, REJECTED, RETRY, REVOKED
 
 from . import signals as unique_signals
 from .broker import capture, publish_woken
@@ -30,7 +30,8 @@ from .state import app_state
 from .store import Store, store_of
 from .wire import HEADER, JobHeader, Lock, RegistryEntry, run_id
 
-__all__ = ["JobRun", "finish", "release_lock", "release_unrun", "start", "started"]
+__all__ = ["JobRun", "finish", "release_lock", "release_unrun", "start", "started",
+           "state_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,16 @@ def start(task: Task, header: JobHeader | None, policy: str) -> None:
         store_of(task.app).release_quietly(queueing_key, request.id, "job started")
 
 
+def state_of(exc: Exception) -> str:
+    """The state the tracer gives a job that raised ``exc``."""
+    ends = ((Retry, RETRY), (Reject, REJECTED), (Ignore, IGNORED))
+    return str(next((state for kind, state in ends if isinstance(exc, kind)), FAILURE))
+
+
 def finish(task: Task, state: str, retval: Any) -> None:
-    """Release what the job holds at its end; called for every state (task_postrun)."""
+    """Release what the job holds at its end: from ``UniqueTask.__call__`` before the
+    result is stored, and again, for ends that never reach it, at ``task_postrun``
+    (every state; what was released is not released twice)."""
     request = task.request
     # A job that never reached __call__ holds nothing but what its header names.
     run: JobRun = getattr(request, _RUN, None) or JobRun(JobHeader.of_request(request))

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from celery import Celery, Task, signals
 from celery.canvas import Signature
 from celery.result import AsyncResult, EagerResult
-from celery.states import REVOKED
+from celery.states import REVOKED, SUCCESS
 
 from . import lock as run_side
 from . import runtime
@@ -237,7 +237,15 @@ class UniqueTask(Task):  # type: ignore[misc]
         run_side.start(self, header, self._unique_defaults.on_store_error)
         # The tracer has already pushed this task and its request; Task.__call__ would
         # push a fresh request without the job's id.
-        return self.run(*args, **kwargs)
+        try:
+            retval = self.run(*args, **kwargs)
+        except Exception as exc:
+            # Released here, before the tracer stores the result: a caller who has the
+            # result finds the locks free. (task_postrun, after, finds nothing left.)
+            run_side.finish(self, run_side.state_of(exc), exc)
+            raise
+        run_side.finish(self, SUCCESS, retval)
+        return retval
 
     def apply(self, *args: Any, **kwargs: Any) -> EagerResult:
         """Run the job in the caller, its locks enforced: a job skipped for its lock

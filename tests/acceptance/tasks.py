@@ -15,11 +15,14 @@ from typing import Any
 
 import redis
 from celery import Celery, signals
+from celery.backends.filesystem import FilesystemBackend
 from celery.exceptions import Ignore, Reject
+from celery.states import READY_STATES
 
 from celery_unique import UniqueTask
 from celery_unique import signals as unique_signals
 from celery_unique.compat import QueueOnce, Singleton
+from celery_unique.wire import JobHeader
 
 # The tests' private server, never a Redis the machine runs: set by the tests' fixtures.
 SERVER = os.environ["CELERY_UNIQUE_TEST_REDIS"]
@@ -31,7 +34,30 @@ STORE_DB = os.environ.get("CELERY_UNIQUE_TEST_STORE_DB", "1")
 # lock (celery/celery#10477). Polling files keeps the tests about our locks.
 RESULTS = os.environ.get("CELERY_UNIQUE_TEST_RESULTS", "/tmp/celery-unique-results")
 os.makedirs(RESULTS, exist_ok=True)
-app = Celery("acceptance", broker=f"{SERVER}/2", backend=f"file://{RESULTS}")
+
+
+class WatchingBackend(FilesystemBackend):  # type: ignore[misc]
+    """Celery's filesystem backend, noting for each job that holds a queueing lock until it
+    finishes whether that lock was still held when its result was stored
+    (``at-store:<key>``: ``held`` or ``free``): a caller who has the result must see it
+    free."""
+
+    def store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
+                     request: Any = None, **kwargs: Any) -> Any:
+        header = JobHeader.of_request(request) if state in READY_STATES else None
+        if header is not None and header.queueing_key and header.until == "finished":
+            held = _store().get(header.queueing_key) == task_id.encode()
+            coord.rpush(f"at-store:{header.queueing_key}", "held" if held else "free")
+        return super().store_result(task_id, result, state, traceback=traceback,
+                                    request=request, **kwargs)
+
+
+def _store() -> redis.Redis:
+    return redis.Redis.from_url(app.conf.unique_redis_url)
+
+
+app = Celery("acceptance", broker=f"{SERVER}/2",
+             backend=f"tests.acceptance.tasks:WatchingBackend+file://{RESULTS}")
 app.conf.update(
     unique_redis_url=os.environ.get("CELERY_UNIQUE_TEST_STORE_URL") or f"{SERVER}/{STORE_DB}",
     task_publish_retry=False,

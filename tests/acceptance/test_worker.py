@@ -73,6 +73,27 @@ def test_every_end_releases(tasks: Any, store: Any, coord: Any, outcome: str) ->
     tasks.finished_job.delay(t, "ok").get(timeout=20)
 
 
+def test_a_caller_who_has_the_result_can_enqueue_again_at_once(
+    tasks: Any, coord: Any,
+) -> None:
+    """``delay → get → delay``: the lock of a finished job (``queueing_lock_until=
+    "finished"``) is released before its result is stored, on success and on failure, so
+    the caller who has seen the result never meets it: 300 rounds, 0 refused, and the
+    results backend found the lock free each time it stored a result."""
+    t, refused = token(), 0
+    for n in range(300):
+        outcome = "fail" if n % 3 == 2 else "ok"
+        try:
+            result = tasks.finished_job.delay(t, outcome)
+        except AlreadyQueued:
+            refused += 1
+            continue
+        result.get(timeout=20, propagate=False, interval=0.005)  # a file backend: polled
+    assert refused == 0
+    at_store = coord.lrange(f"at-store:{key('finished_job', f'job_{t}')}", 0, -1)
+    assert len(at_store) == 300 and set(at_store) == {b"free"}, at_store[:5]
+
+
 def test_hard_time_limit_releases(tasks: Any, store: Any, coord: Any) -> None:
     t = token()
     tasks.slow.delay(t)
