@@ -1,12 +1,14 @@
 """``celery -A proj unique ...``: see the locks, release them, defer a job with its locks.
 
 A sub-command of Celery's own (click, registered through the ``celery.commands`` entry
-point), a thin layer over :mod:`celery_unique.admin`. Every error is one line on stderr
-and a non-zero exit: 1 for an error, 3 for a duplicate refused by ``defer``.
+point), a thin layer over :mod:`celery_unique.admin`. Every error is one line on stderr,
+never a traceback, and its exit status says which: 2 for a command used wrongly (click's
+usage errors), 1 for anything that failed, 3 for a duplicate refused by ``defer``.
 """
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import sys
@@ -55,6 +57,8 @@ def _guarded(func: F) -> F:
             return func(*args, **kwargs)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
+        except click.exceptions.Abort:
+            _fail("aborted: nothing done")
         except CeleryUniqueError as exc:
             _fail(str(exc))
         except (redis.ConnectionError, redis.TimeoutError, OperationalError) as exc:
@@ -107,12 +111,15 @@ def locks(ctx: click.Context, match: str | None, task: str | None, kind: str | N
     app = _app(ctx)
     found = _limited(admin.iter_locks(app, match=match, task=task, kind=kind), limit)
     if as_json:
-        # Streamed: one lock at a time, whatever their number.
+        # Streamed: one lock at a time, whatever their number. The first is read before
+        # anything is written, so a store that cannot be reached leaves stdout empty.
+        head = list(itertools.islice(found, 1))
         out = sys.stdout
         out.write("[")
-        for n, info in enumerate(found):
+        for n, info in enumerate(itertools.chain(head, found)):
             out.write(("," if n else "") + "\n" + json.dumps(info.as_dict()))
         out.write("\n]\n")
+        _hint_task(app, task, bool(head))
         return
     rows = ((info.kind, info.task or "-", info.value, ",".join(info.holders) or "-",
              _states(app, info.holders) if states else "-", _ttl(info.ttl),
@@ -130,6 +137,27 @@ def locks(ctx: click.Context, match: str | None, task: str | None, kind: str | N
             counts[row[0]] += 1
     click.echo(f"{sum(counts.values())} locks ({counts['queueing']} queueing,"
                f" {counts['lock']} locks)")
+    _hint_task(app, task, bool(sum(counts.values())))
+
+
+def _known_task(app: Celery, name: str) -> str | None:
+    """None when ``name`` is registered; else a hint naming the tasks it may mean."""
+    app.loader.import_default_modules()
+    names = [n for n in app.tasks if not n.startswith("celery.")]
+    if name in names:
+        return None
+    like = sorted(n for n in names if n.rsplit(".", 1)[-1] == name) or difflib.get_close_matches(
+        name, names, n=3)
+    return f"no task {name!r}" + (f"; did you mean {' or '.join(map(repr, like))}?"
+                                  if like else " is registered")
+
+
+def _hint_task(app: Celery, task: str | None, found: bool) -> None:
+    """``--task`` that found nothing and names no registered task: say so (stderr)."""
+    if task and not found:
+        hint = _known_task(app, task)
+        if hint:
+            click.echo(f"celery unique: {hint} (--task takes the full name)", err=True)
 
 
 def _limited(found: Iterator[admin.LockInfo], limit: int | None) -> Iterator[admin.LockInfo]:
@@ -159,14 +187,19 @@ def show(ctx: click.Context, key_or_value: str) -> None:
                    f"  {'parked' if job.parked else 'on its way'}")
 
 
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
 def _confirm(what: list[admin.LockInfo], yes: bool) -> None:
     for info in what:
         click.echo(f"{info.kind:<9} {info.key}  held by {', '.join(info.holders) or '-'}"
                    f"  ({info.waiting} waiting)")
     if not yes:
-        if not sys.stdin.isatty():
+        if not _interactive():
             _fail("not released: pass --yes to release without asking")
-        click.confirm(f"Release {len(what)} lock(s)?", abort=True)
+        if not click.confirm(f"Release {len(what)} lock(s)?"):
+            _fail("nothing released")
 
 
 @unique.command("release")
@@ -216,6 +249,19 @@ def _json(option: str, text: str | None, kind: type) -> Any:
     return value
 
 
+def _check_broker(app: Celery) -> None:
+    """Fail in about a second when the broker does not answer (Celery's own connect
+    retries take tens of seconds, then end in a traceback)."""
+    with app.connection_for_write() as connection:
+        try:
+            connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0,
+                                         timeout=1.5)
+        except Exception as exc:
+            url = app.conf.broker_url
+            url = safe_url(url) if isinstance(url, str) else connection.as_uri()
+            _fail(f"cannot reach the broker at {url}: {exc}")
+
+
 @unique.command("defer")
 @click.argument("task_name", metavar="TASK")
 @click.option("--args", "args_json", metavar="JSON", help="Positional arguments, a JSON array.")
@@ -234,9 +280,9 @@ def defer(ctx: click.Context, task_name: str, args_json: str | None, kwargs_json
           countdown: float | None, queue: str | None) -> None:
     """Queue a job with its locks, as procrastinate's `defer` does; print its id."""
     app = _app(ctx)
-    app.loader.import_default_modules()
-    if task_name not in app.tasks:
-        _fail(f"unknown task {task_name!r}")
+    unknown = _known_task(app, task_name)
+    if unknown:
+        _fail(unknown)
     task = app.tasks[task_name]
     options: dict[str, Any] = {}
     for name, value in (("queueing_lock", queueing_lock), ("lock", lock),
@@ -245,12 +291,16 @@ def defer(ctx: click.Context, task_name: str, args_json: str | None, kwargs_json
             options[name] = value
     if (queueing_lock or lock) and not hasattr(type(task), "_unique_lock"):
         _fail(f"{task_name} is not a UniqueTask: it takes no lock")
+    args, kwargs = _json("--args", args_json, list), _json("--kwargs", kwargs_json, dict)
+    _check_broker(app)
     try:
-        result = task.apply_async(_json("--args", args_json, list),
-                                  _json("--kwargs", kwargs_json, dict), **options)
+        # No publish retries: a broker that answered a moment ago and fails now is an
+        # error to report at once, not to wait out (Celery retries for seconds).
+        result = task.apply_async(args, kwargs, retry=False, **options)
     except AlreadyQueued as exc:
         if ignore_already_enqueued:
-            click.echo(f"ignored: already queued under {exc.key} by {exc.task_id}")
+            # stderr: a cron job running `defer -i` mails its stdout.
+            click.echo(f"ignored: already queued under {exc.key} by {exc.task_id}", err=True)
             return
         _fail(f"already queued under {exc.key} by {exc.task_id}"
               f" (expires in {exc.ttl:.0f}s)", DUPLICATE)

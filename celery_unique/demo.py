@@ -28,6 +28,7 @@ from typing import Any
 
 import redis
 
+from .settings import safe_url
 from .testing import RedisServer, max_overlap, wait_for
 
 __all__ = ["main"]
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return demo(args.scene or list(SCENES), args.redis_url)
+    except Unreachable as exc:
+        print(f"celery-unique: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted: the worker is stopped and this run's keys are removed")
         return 130
@@ -67,10 +71,25 @@ def demo(scenes: list[int], redis_url: str | None = None) -> int:
 @contextmanager
 def _redis(url: str | None) -> Iterator[str]:
     if url:
+        _check(url)  # before anything starts: a worker would wait for it a minute
         yield url
         return
     with RedisServer() as server:
         yield f"{server.url}/0"
+
+
+class Unreachable(Exception):
+    """The Redis named by ``--redis-url`` does not answer."""
+
+
+def _check(url: str) -> None:
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except (redis.RedisError, ValueError) as exc:
+        raise Unreachable(f"--redis-url {safe_url(url)} does not answer: {exc}") from None
+    finally:
+        client.close()
 
 
 @contextmanager

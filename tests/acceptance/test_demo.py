@@ -110,3 +110,14 @@ def test_no_redis_installed_the_demo_brings_its_own(tmp_path: Path) -> None:
                           env={**os.environ, "PATH": str(tmp_path)})  # no redis-server
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 queued, 999 rejected as duplicates, 1 ran" in done.stdout
+
+
+def test_a_redis_url_that_does_not_answer_is_one_line_before_anything_starts() -> None:
+    """Checked first: no worker started, no minute of waiting, no traceback."""
+    started = time.monotonic()
+    done = subprocess.run([SCRIPT, "demo", "--redis-url", "redis://:secret@127.0.0.1:1/0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "--redis-url redis://:***@127.0.0.1:1/0 does not answer" in done.stderr
+    assert time.monotonic() - started < 10  # the interpreter's start included

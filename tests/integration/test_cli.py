@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,7 +150,8 @@ def test_defer_queues_refuses_or_ignores_a_duplicate(cli: Any) -> None:
     assert duplicate.exit_code == DUPLICATE
     assert duplicate.stderr.count("\n") == 1 and task_id in duplicate.stderr
     ignored = cli("defer", "cli.report", "--args", '["x@example.com"]', "-i")
-    assert ignored.exit_code == 0 and "ignored" in ignored.stdout
+    # On stderr: a cron job running `defer -i` mails what it prints on stdout.
+    assert ignored.exit_code == 0 and "ignored" in ignored.stderr and not ignored.stdout
     assert cli.client.llen(queue) == length  # nothing more published
     # procrastinate's example: a queueing lock given on the command line.
     maintenance = cli("defer", "cli.plain", "--queueing-lock", "maintenance")
@@ -162,7 +164,9 @@ def test_defer_queues_refuses_or_ignores_a_duplicate(cli: Any) -> None:
 
 
 @pytest.mark.parametrize("args, says", [
-    (["defer", "cli.nope"], "unknown task 'cli.nope'"),
+    (["defer", "cli.nope"], "no task 'cli.nope'"),
+    (["defer", "proj.zzzzzz"], "no task 'proj.zzzzzz' is registered"),
+    (["defer", "report"], "no task 'report'; did you mean 'cli.report'?"),
     (["defer", "cli.report", "--args", "{oops"], "--args is not JSON"),
     (["defer", "cli.report", "--args", '{"a": 1}'], "--args must be a JSON array"),
     (["show", "celery_unique:q:{cli.report:nobody}"], "no lock"),
@@ -182,6 +186,28 @@ def test_every_error_is_one_line_and_a_non_zero_exit(
     assert "Traceback" not in result.stderr
 
 
+def test_a_no_at_the_prompt_releases_nothing_and_says_so(cli: Any, monkeypatch: Any) -> None:
+    cli.module.report.delay("p@example.com")
+    monkeypatch.setattr("celery_unique.cli._interactive", lambda: True)  # as at a terminal
+    done = cli("clear", stdin="n\n")
+    assert done.exit_code == 1 and done.stderr == "celery unique: nothing released\n"
+    assert len(list(admin.iter_locks(cli.app))) == 1
+
+
+def test_an_unqualified_task_name_is_hinted(cli: Any) -> None:
+    """``--task`` takes the registered name: a short one lists nothing, and says which."""
+    cli.module.report.delay("q@example.com")
+    for args in (["locks"], ["locks", "--json"]):
+        done = cli(*args, "--task", "report")
+        assert done.exit_code == 0
+        assert "no task 'report'; did you mean 'cli.report'?" in done.stderr
+
+
+def test_usage_errors_exit_2(cli: Any) -> None:
+    done = cli("locks", "--kind", "nope")
+    assert done.exit_code == 2 and "Invalid value" in done.stderr
+
+
 def test_no_app_and_an_unreachable_store_are_one_line_too(
     unique_redis_server: RedisServer,
 ) -> None:
@@ -191,10 +217,16 @@ def test_no_app_and_an_unreachable_store_are_one_line_too(
     for args, says in ((["unique", "locks"], "no app"),
                        (["-A", APP, "unique", "locks"],
                         "cannot reach the lock store at redis://:***@127.0.0.1:1/0"),
+                       (["-A", APP, "unique", "locks", "--json"],
+                        "cannot reach the lock store at redis://:***@127.0.0.1:1/0"),
                        (["-A", APP, "unique", "defer", "cli.report", "--args", '["z"]'],
-                        "cannot reach the lock store at redis://:***@127.0.0.1:1/0")):
+                        "cannot reach the broker at redis://:***@127.0.0.1:1/0")):
+        started = time.monotonic()
         done = subprocess.run([sys.executable, "-m", "celery", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - started
         assert done.returncode == 1, (args, done.stdout, done.stderr)
         assert done.stderr.count("\n") == 1 and says in done.stderr, (args, done.stderr)
         assert "secret" not in done.stderr
+        assert done.stdout == ""  # no half-written JSON for a pipe
+        assert took < 10, (args, took)  # the interpreter's start included; ~1.5 s alone
