@@ -14,7 +14,7 @@ from celery_unique import LockHeld
 from celery_unique.testing import UniqueLocks
 from celery_unique.wire import ParkedMessage
 
-from .conftest import EXAMPLES, services
+from .conftest import services
 
 
 def test_pdf_report(example: Any, unique: UniqueLocks, published: list[str]) -> None:
@@ -143,40 +143,6 @@ def test_django(published: list[str], caplog: pytest.LogCaptureFixture,
         with caplog.at_level(logging.INFO), transaction.atomic():
             tasks.request_export(7)
         assert len(published) == 1 and "already queued" in caplog.text
-
-
-class _Local:
-    """``celery.Celery`` for a page's self-contained code: its Redis replaced, the broker
-    in memory and the locks in the test's own store."""
-
-    def __init__(self, unique: UniqueLocks) -> None:
-        from celery import Celery
-
-        from celery_unique.store import use_store
-
-        class Local(Celery):
-            def __init__(self, *args: Any, broker: Any = None, **kwargs: Any) -> None:
-                super().__init__(*args, broker="memory://", set_as_current=False, **kwargs)
-                use_store(self, unique.store)
-
-        self.cls = Local
-
-
-@pytest.mark.parametrize("name", ["quickstart_unique", "quickstart_lock"])
-def test_quickstart(name: str, unique: UniqueLocks, monkeypatch: Any, published: list[str],
-                    capsys: pytest.CaptureFixture[str]) -> None:
-    import runpy
-
-    import celery
-
-    monkeypatch.setattr(celery, "Celery", _Local(unique).cls)
-    runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name=f"docs_{name}")
-    if name == "quickstart_unique":
-        assert len(published) == 2
-        key, _task_id, ttl = capsys.readouterr().out.split()
-        assert key.endswith(":report_alice@example.com}") and 3590 < float(ttl) <= 3600
-    else:
-        assert len(published) == 4  # queued in line; a worker would write "abcd"
 
 
 def test_options(example: Any, unique: UniqueLocks) -> None:
