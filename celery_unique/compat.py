@@ -317,6 +317,14 @@ def _singleton_store_url(app: Celery) -> None:
             f"singleton_backend_class {backend!r} is not supported: celery-unique keeps"
             " its locks in Redis (unset it; singleton_backend_url names the server)",
             option="singleton_backend_class", value=backend)
+    encoder = app.conf.get("singleton_json_encoder_class")
+    if encoder is not None:
+        # Refused, not ignored: it changed celery-singleton's keys, and ours are built
+        # from the arguments themselves (any type), so it could only mislead.
+        raise ConfigurationError(
+            f"singleton_json_encoder_class {encoder!r} is not used by celery-unique: its"
+            " keys are built from the arguments themselves, whatever their type (unset it)",
+            option="singleton_json_encoder_class", value=encoder)
     if not app.conf.get("unique_redis_url"):
         url = SingletonConfig(app).backend_url
         if url and url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):

@@ -326,6 +326,37 @@ def test_singleton_store_url_fallbacks(store_url: str) -> None:
     assert ours.conf.unique_redis_url == store_url  # this package's own setting wins
 
 
+@pytest.mark.parametrize("shim", ["once", "singleton"])
+def test_one_job_per_call_however_it_is_spelled(store_url: str, shim: str) -> None:
+    """The migration guides' difference: keyed on the bound arguments, defaults filled
+    in, where the originals keyed on the call's spelling and queued two."""
+    app = once_app(store_url) if shim == "once" else make_app(singleton_backend_url=store_url)
+
+    @app.task(base=QueueOnce if shim == "once" else Singleton, shared=False)
+    def add(a: int, b: int = 2) -> int:
+        return a + b
+
+    for first, second in (((5, 6), {"a": 5, "b": 6}), ((7,), {"a": 7, "b": 2})):
+        queued = add.apply_async(first)
+        if shim == "once":
+            with pytest.raises(AlreadyQueued):
+                add.apply_async(kwargs=second)
+        else:
+            assert add.apply_async(kwargs=second).id == queued.id  # the job queued
+
+
+def test_singleton_json_encoder_class_is_refused_not_ignored(store_url: str) -> None:
+    app = make_app(singleton_backend_url=store_url,
+                   singleton_json_encoder_class="myapp.encoders.Encoder")
+
+    @app.task(base=Singleton, shared=False)
+    def t() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="singleton_json_encoder_class") as info:
+        app.finalize()
+    assert info.value.option == "singleton_json_encoder_class"
+
+
 def test_singleton_released_after_success_and_failure(store_url: str, db: redis.Redis
                                                      ) -> None:
     app = make_app(singleton_backend_url=store_url, task_always_eager=True)
