@@ -47,12 +47,26 @@ class LockInfo:
     ttl: float | None  #: seconds left of its lease (the soonest holder's, for a lock)
     fence: int | None  #: the last fence given (a lock)
     waiting: int  #: jobs waiting in its line (a lock)
+    #: A lock's holders' leases left, in seconds, in ``holders``' order: negative when it
+    #: ran out that long ago (its worker died, or froze). Empty for a queueing lock, whose
+    #: holder is a job in the queue or running, which Redis cannot tell apart.
+    leases: tuple[float, ...] = ()
+
+    def holder_status(self) -> tuple[str, ...]:
+        """Each holder's status: ``"alive"`` (its lease is being renewed: a worker runs it),
+        ``"lease expired"`` (nothing renewed it: its worker died or froze; the next
+        sweep, or :func:`release` with ``dead=True``, gives the lock on), ``"unknown"``
+        (a queueing lock's holder)."""
+        if self.kind != "lock":
+            return ("unknown",) * len(self.holders)
+        return tuple("alive" if left > 0 else "lease expired" for left in self.leases)
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as JSON takes them (what ``celery unique locks --json`` prints)."""
         return {"key": self.key, "kind": self.kind, "task": self.task, "value": self.value,
                 "holders": list(self.holders), "ttl": self.ttl, "fence": self.fence,
-                "waiting": self.waiting}
+                "waiting": self.waiting, "status": list(self.holder_status()),
+                "lease_left": list(self.leases) if self.kind == "lock" else None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,10 +187,10 @@ def _infos(app: Celery, store: Store, entries: list[tuple[str, str]]) -> list[Lo
                                 pttl / 1000 if pttl >= 0 else None, None, 0))
             continue
         name, value = shared(key[len(prefix) + 4:-1])
-        soonest = min((float(d) for d in row[3::2]), default=None)
+        leases = tuple(round((float(d) - now_ms) / 1000, 3) for d in row[3::2])
         out.append(LockInfo(key, "lock", name, value, tuple(row[2::2]),
-                            max(0.0, (soonest - now_ms) / 1000) if soonest else None,
-                            int(row[1]) if row[1] else None, int(row[0])))
+                            max(0.0, min(leases)) if leases else None,
+                            int(row[1]) if row[1] else None, int(row[0]), leases))
     return out
 
 
@@ -216,14 +230,18 @@ def _task_of(message: str) -> str | None:
         return None
 
 
-def release(app: Celery, key: str) -> int:
+def release(app: Celery, key: str, *, dead: bool = False) -> int:
     """Release the lock ``key``: a queueing lock is deleted; a lock's holders are released
     as their own end would release them (its first waiting jobs are handed the lock and
-    published). Returns how many holders were released (0: nothing was held)."""
+    published). Returns how many holders were released (0: nothing was held).
+
+    ``dead``: only the holders whose lease has run out (a lock's; a queueing lock's holder
+    cannot be told dead, and is left alone), as the workers' sweep would.
+    """
     store = get_store(app)
     prefix = _prefix(app)
     if key.startswith(f"{prefix}:q:"):
-        return int(store.client.delete(key))
+        return 0 if dead else int(store.client.delete(key))
     for suffix in _SUFFIXES:
         if key.endswith(suffix):
             key = key[: -len(suffix)]
@@ -234,6 +252,12 @@ def release(app: Celery, key: str) -> int:
     limit, lease_ms = (entry.limit, entry.lease_ms) if entry else (
         1, int(float(setting(app, "unique_lock_timeout")) * 1000))
     released = 0
+    if dead:
+        info = get_lock(app, key)
+        expired = [h for h, left in zip(info.holders, info.leases) if left <= 0] if info else []
+        swept = store.sweep_lock(key, limit=limit, lease_ms=lease_ms)  # drops them all
+        publish_woken(app, store, swept.woken)
+        return len(expired)
     for token in store.holders(key) or [""]:
         # With no holder, a release of nobody still hands free places to parked jobs.
         reply = store.release_lock(key, token=token, limit=limit, lease_ms=lease_ms)
@@ -243,11 +267,14 @@ def release(app: Celery, key: str) -> int:
 
 
 def clear(app: Celery, *, match: str | None = None, task: str | None = None,
-          kind: str | None = None) -> int:
-    """Release every lock :func:`iter_locks` lists with these filters; returns how many."""
+          kind: str | None = None, dead: bool = False) -> int:
+    """Release every lock :func:`iter_locks` lists with these filters; returns how many.
+    ``dead``: only the locks with a holder whose lease ran out, only those holders."""
     count = 0
     for info in iter_locks(app, match=match, task=task, kind=kind):
-        release(app, info.key)
+        if dead and "lease expired" not in info.holder_status():
+            continue
+        release(app, info.key, dead=dead)
         count += 1
     return count
 

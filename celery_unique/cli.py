@@ -89,25 +89,48 @@ def _ttl(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}s"
 
 
-def _states(app: Celery, holders: tuple[str, ...]) -> str:
+def _results(app: Celery, holders: tuple[str, ...]) -> list[Any]:
+    """The holders' results, when there is a result backend to ask."""
     from celery.backends.base import DisabledBackend
 
-    if isinstance(app.backend, DisabledBackend) or not holders:
-        return "-"
-    return ",".join(app.AsyncResult(h).state for h in holders)
+    if isinstance(app.backend, DisabledBackend):
+        return []
+    return [app.AsyncResult(h) for h in holders]
+
+
+def _states(app: Celery, holders: tuple[str, ...]) -> str:
+    return ",".join(r.state for r in _results(app, holders)) or "-"
+
+
+def _worker(result: Any) -> dict[str, Any] | None:
+    """Where a holder runs, when the backend knows (``task_track_started``)."""
+    info = result.info if result.state == "STARTED" else None
+    if isinstance(info, dict) and info.get("hostname"):
+        return {"hostname": info["hostname"], "pid": info.get("pid")}
+    return None
+
+
+def _status(info: admin.LockInfo) -> str:
+    """Each holder's status, as the table shows it."""
+    cells = []
+    for status, left in itertools.zip_longest(info.holder_status(), info.leases):
+        cells.append(f"expired {-left:.1f}s ago" if status == "lease expired" else status)
+    return ",".join(cells) or "-"
 
 
 @unique.command("locks")
 @_filters
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only: an array of locks.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many locks.")
-@click.option("--states/--no-states", default=True,
-              help="Ask the result backend for the holders' states (when there is one).")
+@click.option("--states/--no-states", default=None,
+              help="Ask the result backend for the holders' states and workers (when there"
+                   " is one): on by default for the table, off for --json.")
 @click.pass_context
 @_guarded
 def locks(ctx: click.Context, match: str | None, task: str | None, kind: str | None,
-          as_json: bool, limit: int | None, states: bool) -> None:
-    """Every lock: kind, task, value, holders, their state, TTL, fence, jobs waiting."""
+          as_json: bool, limit: int | None, states: bool | None) -> None:
+    """Every lock: kind, task, value, holders, their status and state, TTL, fence, jobs
+    waiting."""
     app = _app(ctx)
     found = _limited(admin.iter_locks(app, match=match, task=task, kind=kind), limit)
     if as_json:
@@ -117,15 +140,17 @@ def locks(ctx: click.Context, match: str | None, task: str | None, kind: str | N
         out = sys.stdout
         out.write("[")
         for n, info in enumerate(itertools.chain(head, found)):
-            out.write(("," if n else "") + "\n" + json.dumps(info.as_dict()))
+            out.write(("," if n else "") + "\n" + json.dumps(_as_json(app, info, states)))
         out.write("\n]\n")
         _hint_task(app, task, bool(head))
         return
     rows = ((info.kind, info.task or "-", info.value, ",".join(info.holders) or "-",
-             _states(app, info.holders) if states else "-", _ttl(info.ttl),
-             "-" if info.fence is None else str(info.fence), str(info.waiting))
+             _status(info), _states(app, info.holders) if states is not False else "-",
+             _ttl(info.ttl), "-" if info.fence is None else str(info.fence),
+             str(info.waiting))
             for info in found)
-    header = ("KIND", "TASK", "VALUE", "HOLDERS", "STATE", "TTL", "FENCE", "WAITING")
+    header = ("KIND", "TASK", "VALUE", "HOLDERS", "STATUS", "STATE", "TTL", "FENCE",
+              "WAITING")
     # Streamed too: the columns are as wide as the first rows need, later longer cells
     # push theirs, so a million locks never sit in memory.
     first = list(itertools.islice(rows, _TABLE_WIDTHS_FROM))
@@ -138,6 +163,15 @@ def locks(ctx: click.Context, match: str | None, task: str | None, kind: str | N
     click.echo(f"{sum(counts.values())} locks ({counts['queueing']} queueing,"
                f" {counts['lock']} locks)")
     _hint_task(app, task, bool(sum(counts.values())))
+
+
+def _as_json(app: Celery, info: admin.LockInfo, states: bool | None) -> dict[str, Any]:
+    out = info.as_dict()
+    if states:
+        results = _results(app, info.holders)
+        out["states"] = [r.state for r in results] or None
+        out["workers"] = [_worker(r) for r in results] or None
+    return out
 
 
 def _known_task(app: Celery, name: str) -> str | None:
@@ -178,8 +212,20 @@ def show(ctx: click.Context, key_or_value: str) -> None:
     if info is None:
         _fail(f"no lock {key_or_value!r}")
     click.echo(f"key      {info.key}\nkind     {info.kind}\ntask     {info.task or '-'}\n"
-               f"value    {info.value}\nholders  {', '.join(info.holders) or '-'}"
-               f" ({_states(app, info.holders)})\nttl      {_ttl(info.ttl)}\n"
+               f"value    {info.value}\nholders  {len(info.holders) or '-'}")
+    results = _results(app, info.holders)
+    for n, (holder, status) in enumerate(zip(info.holders, info.holder_status())):
+        lease = ""
+        if info.leases:
+            left = info.leases[n]
+            lease = f", lease {left:.1f}s left" if left > 0 else f" {-left:.1f}s ago"
+        line = f"  {holder}  {status}{lease}"
+        if results:
+            worker = _worker(results[n])
+            line += f"  {results[n].state}" + (
+                f" on {worker['hostname']} (pid {worker['pid']})" if worker else "")
+        click.echo(line)
+    click.echo(f"ttl      {_ttl(info.ttl)}\n"
                f"fence    {'-' if info.fence is None else info.fence}\n"
                f"waiting  {info.waiting}")
     for job in info.line:
@@ -191,10 +237,14 @@ def _interactive() -> bool:
     return sys.stdin.isatty()
 
 
-def _confirm(what: list[admin.LockInfo], yes: bool) -> None:
+def _list(what: list[admin.LockInfo]) -> None:
     for info in what:
         click.echo(f"{info.kind:<9} {info.key}  held by {', '.join(info.holders) or '-'}"
-                   f"  ({info.waiting} waiting)")
+                   f" ({_status(info)})  ({info.waiting} waiting)")
+
+
+def _confirm(what: list[admin.LockInfo], yes: bool) -> None:
+    _list(what)
     if not yes:
         if not _interactive():
             _fail("not released: pass --yes to release without asking")
@@ -202,38 +252,61 @@ def _confirm(what: list[admin.LockInfo], yes: bool) -> None:
             _fail("nothing released")
 
 
+def _dead_and_dry(func: F) -> F:
+    func = click.option("--dry-run", is_flag=True,
+                        help="Say what would be released; release nothing.")(func)
+    func = click.option("--dead", is_flag=True,
+                        help="Only holders whose lease ran out (a lock's; a queueing lock's"
+                             " holder cannot be told dead).")(func)
+    return func
+
+
 @unique.command("release")
 @click.argument("key")
 @click.option("--yes", is_flag=True, help="Do not ask.")
+@_dead_and_dry
 @click.pass_context
 @_guarded
-def release(ctx: click.Context, key: str, yes: bool) -> None:
+def release(ctx: click.Context, key: str, yes: bool, dead: bool, dry_run: bool) -> None:
     """Release one lock; a lock with jobs waiting is handed to the first in line."""
     app = _app(ctx)
     info = admin.get_lock(app, key)
     if info is None:
         _fail(f"no lock {key!r}")
+    if dead and "lease expired" not in info.holder_status():
+        click.echo(f"nothing to release: no holder of {info.key} has a lease that ran out")
+        return
+    if dry_run:
+        _list([info])
+        click.echo("would release 1 lock (dry run: nothing released)")
+        return
     _confirm([info], yes)
-    admin.release(app, info.key)
+    admin.release(app, info.key, dead=dead)
     click.echo(f"released {info.key}")
 
 
 @unique.command("clear")
 @_filters
 @click.option("--yes", is_flag=True, help="Do not ask.")
+@_dead_and_dry
 @click.pass_context
 @_guarded
 def clear(ctx: click.Context, match: str | None, task: str | None, kind: str | None,
-          yes: bool) -> None:
+          yes: bool, dead: bool, dry_run: bool) -> None:
     """Release every lock the filters select (each as `release` would)."""
     app = _app(ctx)
-    found = list(admin.iter_locks(app, match=match, task=task, kind=kind))
+    found = [info for info in admin.iter_locks(app, match=match, task=task, kind=kind)
+             if not dead or "lease expired" in info.holder_status()]
     if not found:
         click.echo("no locks")
         return
+    if dry_run:
+        _list(found)
+        click.echo(f"would release {len(found)} lock(s) (dry run: nothing released)")
+        return
     _confirm(found, yes)
     for info in found:
-        admin.release(app, info.key)
+        admin.release(app, info.key, dead=dead)
     click.echo(f"released {len(found)} lock(s)")
 
 

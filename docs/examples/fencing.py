@@ -10,6 +10,8 @@ DB = "accounts.db"
 def rebuild(self, account, data):
     """Write ``data`` unless a later holder of the lock has written already."""
     with sqlite3.connect(DB, isolation_level="IMMEDIATE") as db:  # one writer at a time
+        db.execute("CREATE TABLE IF NOT EXISTS accounts"
+                   " (name TEXT PRIMARY KEY, data TEXT, fence INTEGER)")
         row = db.execute("SELECT fence FROM accounts WHERE name = ?", (account,)).fetchone()
         if row and row[0] > self.request.lock_fence:
             return "stale"           # this job lost its lock; a later holder wrote

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from celery_unique import admin
 from celery_unique.cli import DUPLICATE
 from celery_unique.store import get_store
-from celery_unique.testing import RedisServer
+from celery_unique.testing import RedisServer, wait_for
 from celery_unique.wire import ParkedMessage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,18 +61,20 @@ def test_locks_lists_both_kinds_as_a_table_and_as_json(cli: Any) -> None:
     table = cli("locks")
     assert table.exit_code == 0, table.output
     assert table.output.splitlines()[0].split() == [
-        "KIND", "TASK", "VALUE", "HOLDERS", "STATE", "TTL", "FENCE", "WAITING"]
+        "KIND", "TASK", "VALUE", "HOLDERS", "STATUS", "STATE", "TTL", "FENCE", "WAITING"]
     assert table.output.splitlines()[-1] == "2 locks (1 queueing, 1 locks)"
     listed = json.loads(cli("locks", "--json").stdout)
     by_kind = {lock["kind"]: lock for lock in listed}
     assert by_kind["queueing"] | {"ttl": None} == {
         "key": "celery_unique:q:{cli.report:report_alice@example.com}", "kind": "queueing",
         "task": "cli.report", "value": "report_alice@example.com", "holders": [held.id],
-        "ttl": None, "fence": None, "waiting": 0}
+        "ttl": None, "fence": None, "waiting": 0, "status": ["unknown"], "lease_left": None}
     assert 3590 < by_kind["queueing"]["ttl"] <= 3600
     assert (by_kind["lock"]["key"], by_kind["lock"]["task"], by_kind["lock"]["value"],
             by_kind["lock"]["holders"], by_kind["lock"]["waiting"]) == (
         "celery_unique:l:{res_1}", None, "res_1", ["job-a"], 2)
+    assert by_kind["lock"]["status"] == ["alive"]
+    assert 55 < by_kind["lock"]["lease_left"][0] <= 60
     def keys(*args: str) -> list[str]:
         return [lock["key"] for lock in json.loads(cli("locks", "--json", *args).stdout)]
 
@@ -82,6 +84,37 @@ def test_locks_lists_both_kinds_as_a_table_and_as_json(cli: Any) -> None:
     assert shown.exit_code == 0
     assert [line.split()[:2] for line in shown.output.splitlines()[-2:]] == [
         ["0", "job-b"], ["1", "job-c"]]
+
+
+def test_a_dead_holder_is_told_from_a_live_one_and_released_alone(cli: Any) -> None:
+    """A holder whose lease ran out (its worker SIGKILLed: nothing renews it) is listed as
+    ``lease expired``, how long ago; ``--dry-run`` releases nothing; ``--dead`` releases
+    it, and leaves a live holder and a queueing lock alone."""
+    store = cli.module.locked._unique_store()
+    store.acquire_lock("celery_unique:l:{dead}", token="job-dead", limit=1, lease_ms=300,
+                       mode="order", wait_ms=60000)
+    store.acquire_lock("celery_unique:l:{live}", token="job-live", limit=1, lease_ms=60000,
+                       mode="order", wait_ms=60000)
+    cli.module.report.delay("q@example.com")
+
+    def listed() -> dict[str, Any]:
+        return {lock["value"]: lock for lock in json.loads(cli("locks", "--json").stdout)}
+
+    wait_for(lambda: listed()["dead"]["status"] == ["lease expired"], timeout=5,
+             what="the lease to run out")
+    locks = listed()
+    assert locks["dead"]["lease_left"][0] < 0 and locks["live"]["status"] == ["alive"]
+    assert locks["report_q@example.com"]["status"] == ["unknown"]
+    assert "expired" in cli("locks").output and "ago" in cli("show", "dead").output
+    dry = cli("clear", "--dead", "--dry-run")
+    assert dry.exit_code == 0 and "celery_unique:l:{dead}" in dry.output
+    assert "{live}" not in dry.output and "would release 1 lock" in dry.output
+    assert set(listed()) == {"dead", "live", "report_q@example.com"}  # nothing released
+    assert cli("release", "celery_unique:l:{live}", "--dead", "--yes").output.startswith(
+        "nothing to release")
+    done = cli("clear", "--dead", "--yes")
+    assert done.exit_code == 0 and done.output.splitlines()[-1] == "released 1 lock(s)"
+    assert set(listed()) == {"live", "report_q@example.com"}
 
 
 def test_ten_thousand_locks_are_listed(cli: Any) -> None:

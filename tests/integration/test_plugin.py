@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,20 +44,27 @@ def test_installed_but_not_enabled_it_changes_nothing(pytester: pytest.Pytester)
     assert "--unique-redis" not in pytester.runpytest_subprocess("--help").stdout.str()
 
 
+@pytest.fixture
+def watched_server() -> Iterator[RedisServer]:
+    """A Redis of this test's own: nothing else in the session talks to it."""
+    with RedisServer() as server:
+        yield server
+
+
 def test_an_app_not_named_to_the_plugin_never_reaches_its_redis(
-    pytester: pytest.Pytester, unique_redis_server: RedisServer,
+    pytester: pytest.Pytester, watched_server: RedisServer,
 ) -> None:
     """A user's app made with ``set_as_current=False``, its lock store a real Redis named in
     its settings, and no ``unique_app`` override: its tasks use the fixture's store, and
     that Redis receives no command at all."""
-    watched = redis.Redis.from_url(unique_redis_server.url)
+    watched = redis.Redis.from_url(watched_server.url)
     pytester.makepyfile(
         userapp=f"""
             from celery import Celery
             from celery_unique import UniqueTask
 
             app = Celery("userapp", broker="memory://", set_as_current=False)
-            app.conf.unique_redis_url = "{unique_redis_server.url}/7"
+            app.conf.unique_redis_url = "{watched_server.url}/7"
 
             @app.task(base=UniqueTask, queueing_lock="report_<email>", lock="printer")
             def report(email):
