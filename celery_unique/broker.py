@@ -213,13 +213,15 @@ class Push:
     def put(self, channel: Any, queue: str, message: dict[str, Any], kwargs: Any) -> Any:
         """Push ``message`` onto ``queue`` with its locks, or raise :class:`Duplicate`."""
         key = channel._q_for_pri(queue, channel._get_message_priority(message, reverse=False))
-        info = message["headers"].get(HEADER)
-        if isinstance(info, dict):
-            # The job's own queue, for the release that hands its lock on: a job parked
-            # from this queue is pushed back onto it inside the release script.
-            set_queue(info, key)
         plain = kwargs.get("_publish_batch") is not None or queue in (
             getattr(channel, "_expires", None) or ())
+        same = not plain and _same_server(channel, self.store)
+        info = message["headers"].get(HEADER)
+        if same and isinstance(info, dict):
+            # The job's own queue, for the release that hands its lock on: a job parked
+            # from this queue is pushed back onto it inside the release script, which
+            # runs on the lock store: only where that is this queue's server and user.
+            set_queue(info, key)
         if self.capture:
             if plain:
                 # A queue with x-expires or a batch: not one LPUSH a script could redo.
@@ -228,7 +230,7 @@ class Push:
             message["properties"]["delivery_tag"] = ParkedMessage.captured_tag(self.task_id)
             self.captured = ParkedMessage(key, _dumps(message)).encode()
             raise Captured()
-        if plain or not _same_server(channel, self.store):
+        if not same:
             # More to do than one LPUSH (a publish batch, queue expiry), or another
             # server: the locks first, then kombu's own put.
             self.take()
@@ -373,7 +375,9 @@ def atomic(app: Celery, store: Store) -> bool:
     if choice is None or choice[0] is not store:
         why_not = _why_not(app, store)
         choice = state.atomic = (store, why_not is None and _install())
-        logger.debug("celery-unique: %s: locks taken %s", app.main or app, "in the push"
+        # Two users on one database are a choice worth saying once; the rest is routine.
+        log = logger.info if why_not and "another user" in why_not else logger.debug
+        log("celery-unique: %s: locks taken %s", app.main or app, "in the push"
                      " script (atomic enqueue)" if choice[1] else f"before the push ({why_not})")
     return choice[1]
 
@@ -401,9 +405,13 @@ def _why_not(app: Celery, store: Store) -> str | None:
             return "the broker is not kombu's Redis transport"
         if (connection.transport_options or {}).get("global_keyprefix"):
             return "the broker has a global_keyprefix"
-        if _identity(connection) != store_identity(store):
+        broker, ours = _identity(connection), store_identity(store)
+        if broker[:3] != ours[:3]:
             return (f"the lock store {safe_url(store.url)} is not the broker's server and"
                     " database")
+        if broker[3:] != ours[3:]:
+            return (f"the lock store {safe_url(store.url)} is the broker's database, reached"
+                    " as another user: each keeps to its own keys")
     finally:
         connection.release()
     return None
@@ -436,20 +444,31 @@ def _install() -> bool:
     return True
 
 
-def _identity(connection: Any) -> tuple[str, int, int]:
+#: A Redis server, database and user: ``(host, port, db, username, password)``.
+Identity = tuple[str, int, int, Any, Any]
+
+
+def _identity(connection: Any) -> Identity:
     vhost = str(connection.virtual_host or "").strip("/")
     return (str(connection.hostname or "localhost"), int(connection.port or 6379),
-            int(vhost) if vhost.isdigit() else 0)
+            int(vhost) if vhost.isdigit() else 0, connection.userid or None,
+            connection.password or None)
 
 
-def store_identity(store: Store) -> tuple[str, int, int]:
-    """The store's (host, port, db), parsed as kombu parses a broker URL."""
-    identity: tuple[str, int, int] | None = store.__dict__.get("_identity")
+def store_identity(store: Store) -> Identity:
+    """The store's server and database, parsed as kombu parses a broker URL, and the user
+    its client logs in as (the URL's, or ``unique_redis_options``'): a script touching
+    both the locks and the queues runs only where one user reaches both."""
+    identity: Identity | None = store.__dict__.get("_identity")
     if identity is None:
         from kombu import connection
 
         parsed: Any = connection.Connection
-        identity = store.__dict__["_identity"] = _identity(parsed(store.url))
+        host, port, db, user, password = _identity(parsed(store.url))
+        given = getattr(getattr(store.client, "connection_pool", None), "connection_kwargs",
+                        None) or {}
+        identity = store.__dict__["_identity"] = (
+            host, port, db, given.get("username") or user, given.get("password") or password)
     return identity
 
 

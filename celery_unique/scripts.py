@@ -171,10 +171,12 @@ end
 # queue is KEYS[7]: the calling job's own queue, where jobs of one lock usually come from.
 
 #: Shared by the execution lock's scripts. KEYS[1..6]: the lock's keys (above); KEYS[7]
-#: (single server only, maybe ''): the calling job's queue.
+#: (single server only): the calling job's queue, or KEYS[1] again for none (a key the
+#: store's user may reach: an ACL checks every key a script names, '' included).
 LOCK_PRELUDE = """
 local KH, KW, KP, KS, KE, KR = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local KQ = KEYS[7]
+if KQ == KH then KQ = '' end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
@@ -699,7 +701,7 @@ class Scripts:
         # KEYS[7] and KEYS[8] live in other hash slots: never on a Cluster.
         keys = lock_keys(base)
         if not self.cluster:
-            keys.append(queue or "")
+            keys.append(queue or keys[0])  # KEYS[1] again: no queue (LOCK_PRELUDE)
             if extra:
                 keys.append(extra)
         return keys
