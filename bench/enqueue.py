@@ -65,12 +65,22 @@ def make_apps(url: str) -> dict[str, Any]:
     @other.task(name="unique", base=UniqueTask, queueing_lock="{key}", shared=False)
     def separate(key: str) -> None: ...
 
-    app.finalize()
-    other.finalize()
+    # The separate path as it was before its short lease: the full lease from the start
+    # (a publish lease as long as it), so no second command once published.
+    full = Celery("bench-separate-full", broker=f"{url}/0", set_as_current=False)
+    full.conf.update(unique_redis_url=f"{url}/1", task_default_queue="bench",
+                     unique_publish_lease=3600.0)
+
+    @full.task(name="unique", base=UniqueTask, queueing_lock="{key}", shared=False)
+    def separate_full(key: str) -> None: ...
+
+    for each in (app, other, full):
+        each.finalize()
     assert broker.atomic(app, get_store(app)) and not broker.atomic(other, get_store(other))
     return {"plain": (plain, ()), "celery-once": (once, (OnceQueued,)),
             "celery-singleton": (singleton, ()), "celery-unique": (unique, (AlreadyQueued,)),
-            "unique-separate": (separate, (AlreadyQueued,))}
+            "unique-separate": (separate, (AlreadyQueued,)),
+            "separate-no-short": (separate_full, (AlreadyQueued,))}
 
 
 def timed(call: Callable[[str], Any], keys: list[str], errors: tuple[type, ...]) -> float:
@@ -143,7 +153,8 @@ def main() -> None:
             return statistics.median(o / c for o, c in zip(ours, once))
         return statistics.median((o - p) / (c - p) for o, c, p in zip(ours, once, plain))
 
-    for name, label in (("celery-unique", "atomic path"), ("unique-separate", "separate path")):
+    for name, label in (("celery-unique", "atomic path"), ("unique-separate", "separate path"),
+                        ("separate-no-short", "separate path, no short lease")):
         print(f"{label}: added cost / celery-once's (paired per round):"
               f" {paired(name, 'unique'):.2f}"
               f"{' (bar <= 0.15)' if name == 'celery-unique' else ''};"

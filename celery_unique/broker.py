@@ -83,17 +83,20 @@ class Push:
 
     ``queueing_key``/``ttl_ms``: the queueing lock to take (or None); ``line``: the lock
     whose line the job enters (or None). ``capture``: build the message, keep it, push
-    nothing.
+    nothing. ``publish_ms``: off the atomic path, the queueing lock's lease until the
+    message is published (then ``ttl_ms``), so that a caller dying in between leaves a
+    lock that frees itself soon; 0: ``ttl_ms`` from the start.
     """
 
-    __slots__ = ("capture", "captured", "line", "pushed", "queueing_key", "refused", "store",
-                 "task_id", "ttl_ms")
+    __slots__ = ("capture", "captured", "line", "publish_ms", "pushed", "queueing_key",
+                 "refused", "store", "task_id", "ttl_ms")
 
     def __init__(self, store: Store, task_id: str, queueing_key: str | None = None,
-                 ttl_ms: int = 0, line: Lock | None = None, capture: bool = False) -> None:
+                 ttl_ms: int = 0, line: Lock | None = None, capture: bool = False,
+                 publish_ms: int = 0) -> None:
         self.store, self.task_id = store, task_id
         self.queueing_key, self.ttl_ms, self.line = queueing_key, ttl_ms, line
-        self.capture = capture
+        self.capture, self.publish_ms = capture, publish_ms
         self.captured: str | None = None
         self.pushed = self.refused = False
 
@@ -165,11 +168,14 @@ class Push:
                                                      self.line.wait_ms))
 
         sent: Pending[Taken] | None = None
+        # Short until the broker has the message, unless the lease is short already.
+        short = 0 < self.publish_ms < self.ttl_ms and not eager
         try:
             if key is None:
                 enter_line()
                 return publish(task_id)
-            sent = store.send_acquire_queueing_lock(key, task_id, self.ttl_ms, now=eager)
+            sent = store.send_acquire_queueing_lock(
+                key, task_id, self.publish_ms if short else self.ttl_ms, now=eager)
             if eager:
                 sent.result().check()
                 enter_line()
@@ -177,9 +183,10 @@ class Push:
             if at_router:
                 options["router"] = GatedRouter(options.get("router") or app.amqp.router,
                                                 sent, enter_line)
-                return publish(task_id)
-            with app.producer_or_acquire(producer) as real_producer:
-                return publish(task_id, GatedProducer(real_producer, sent, enter_line))
+                result = publish(task_id)
+            else:
+                with app.producer_or_acquire(producer) as real_producer:
+                    result = publish(task_id, GatedProducer(real_producer, sent, enter_line))
         except Duplicate:
             raise
         except BaseException:
@@ -192,6 +199,22 @@ class Push:
                 sent.settle()
             for each in entered:
                 each.settle()
+        if short and key is not None:
+            self._published(key)
+        return result
+
+    def _published(self, key: str) -> None:
+        """The broker has the message (with publisher confirms, has confirmed it): the
+        queueing lock's short lease becomes its full one. Sent, not waited for: its
+        reply is read at the thread's next command (a lock lost meanwhile is logged)."""
+        try:
+            self.store.send_extend_queueing_lock(key, self.task_id, self.ttl_ms, defer=True)
+        except Exception:
+            # Published, so not an error for the caller; but the key may take a duplicate
+            # once the short lease ends.
+            logger.exception(
+                "celery-unique: %s was published, but its queueing lock %s could not be given"
+                " its full lease: it ends within unique_publish_lease", self.task_id, key)
 
     def _undo(self, app: Celery, sent: Pending[Taken] | None,
               entered: list[Pending[int]]) -> None:

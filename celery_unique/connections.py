@@ -38,10 +38,28 @@ class ThreadConnections:
     def take(self) -> Any:
         """A connection for one command: the thread's own, else one of the pool's."""
         slot = getattr(self._local, "slot", None)
-        if slot is not None and slot.conn is not None and self.pid == os.getpid():
+        mine = self.pid == os.getpid()  # after a fork, the parent's sockets stay untouched
+        if slot is not None and slot.deferred is not None and mine:
+            self._settle(slot)
+        if slot is not None and slot.conn is not None and mine:
             conn, slot.conn = slot.conn, None
             return conn
         return self.pool.get_connection(*self._pool_args)
+
+    def defer(self, pending: Any) -> bool:
+        """Leave ``pending``'s reply unread until this thread's next command (which reads
+        it first: by then it has long arrived) or its end; False when it cannot wait
+        (no connection kept for this thread, or one waiting already): read it now."""
+        slot = getattr(self._local, "slot", None)
+        if slot is None or slot.deferred is not None or self.pid != os.getpid():
+            return False
+        slot.deferred = pending
+        return True
+
+    @staticmethod
+    def _settle(slot: _Slot) -> None:
+        pending, slot.deferred = slot.deferred, None
+        pending.settle()  # gives its connection back: it becomes slot.conn
 
     def give_back(self, conn: Any) -> None:
         """Keep ``conn`` as the thread's own, or return it to the pool."""
@@ -63,17 +81,26 @@ class ThreadConnections:
     def _dropped(self, slot: _Slot) -> None:
         with self._lock:
             self.kept -= 1
+        if slot.deferred is not None:
+            # The thread ended with a reply unread: it is never read, so its connection
+            # is closed before it goes back (the next user would read it as its own).
+            conn = slot.deferred.abandon()
+            if conn is not None:
+                conn.disconnect()
+                self.pool.release(conn)
         if slot.conn is not None:
             self.pool.release(slot.conn)
 
 
 class _Slot:
-    """A thread's kept connection; dropped with the thread's locals when it ends."""
+    """A thread's kept connection, and a reply left unread on another one (``deferred``);
+    dropped with the thread's locals when it ends."""
 
-    __slots__ = ("conn", "owner", "pid")
+    __slots__ = ("conn", "deferred", "owner", "pid")
 
     def __init__(self, owner: ThreadConnections) -> None:
         self.owner, self.conn, self.pid = owner, None, os.getpid()
+        self.deferred: Any = None
 
     def __del__(self) -> None:
         if self.pid == os.getpid() and self.owner.pid == self.pid:

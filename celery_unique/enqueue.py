@@ -96,7 +96,7 @@ class Enqueue:
                     # job with a countdown or eta, or run eagerly in line in the caller,
                     # takes its place when it starts.
                     lock if lock is not None and lock.mode == "order" and not (
-                        wait or eager) else None)
+                        wait or eager) else None, publish_ms=int(values.publish_lease * 1000))
         held = key is not None and key in self.state.held_keys
         try:
             result = push.publish(self.app, publish, producer, options, eager=eager, held=held,

@@ -289,6 +289,8 @@ class Scripts:
         register = client.register_script
         self._acquire_queueing = register(self.ACQUIRE_QUEUEING_LOCK)
         self._peek_queueing = register(self.PEEK_QUEUEING_LOCK)
+        self._extend_queueing = register(self.EXTEND_QUEUEING_LOCK)
+        self._extend_loaded = False  # see send_extend_queueing_lock
         self._release_queueing = register(self.RELEASE_QUEUEING_LOCK)
         self._push = register(self.PUSH_WITH_LOCKS)  # run on kombu's client, not ours
         self._enter_line = register(self.ENTER_LINE)
@@ -342,6 +344,44 @@ class Scripts:
             return pending
         return send(self.conns, self._run, self._acquire_queueing, *args,
                     _taken(token, ttl_ms))
+
+    #: KEYS[1]: a queueing lock's key. ARGV[1]: the owner's token; ARGV[2]: its new lease
+    #: in ms. Returns 1 when the owner's lease was set, 0 when the key is gone or another
+    #: owner's (left alone).
+    EXTEND_QUEUEING_LOCK = """
+    if redis.call('GET', KEYS[1]) == ARGV[1] then
+      return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    end
+    return 0
+    """
+
+    def extend_queueing_lock(self, key: str, token: str, ttl_ms: int) -> bool:
+        """Give ``token``'s queueing lock ``key`` a lease of ``ttl_ms`` from now, if it
+        still holds it (:data:`EXTEND_QUEUEING_LOCK`)."""
+        return self.send_extend_queueing_lock(key, token, ttl_ms).result()
+
+    def send_extend_queueing_lock(self, key: str, token: str, ttl_ms: int, *,
+                                  defer: bool = False) -> Pending[bool]:
+        """:meth:`extend_queueing_lock` sent now. ``defer``: its reply is read at this
+        thread's next command, not waited for (it is then only logged when the lock was
+        lost: the caller has moved on)."""
+        def parse(reply: Any) -> bool:
+            if not reply and defer:
+                logger.warning("celery-unique: the queueing lock %s of %s could not be"
+                               " given its full lease (it ended, or another job holds it)",
+                               key, token)
+            return bool(reply)
+
+        # The first one is read at once: a script the server does not know yet would wait,
+        # unread, for the thread's next command to be run (redis-py loads it on NOSCRIPT).
+        defer = defer and self._extend_loaded
+        pending = send(self.conns, self._run, self._extend_queueing, [key], [token, ttl_ms],
+                       parse)
+        if not (defer and self.conns is not None and pending._conn is not None
+                and self.conns.defer(pending)):
+            pending.result()
+            self._extend_loaded = True
+        return pending
 
     #: KEYS[1]: a queueing lock's key. ARGV[1]: the asking job's token. Reads only: returns
     #: nil when the key is free (or held by this token), else ``{holder, PTTL}``. A hint for
@@ -760,6 +800,11 @@ class Pending(Generic[T]):
                 return parsed
         self._reply = parsed = self._parse(self._run(self._script, self._keys, self._args))
         return parsed
+
+    def abandon(self) -> Any:
+        """Give up the reply unread: the connection it would come on, or None."""
+        conn, self._conn = self._conn, None
+        return conn
 
     def settle(self) -> T | None:
         """Read the reply if still unread; None when it cannot be read. Never raises."""

@@ -38,6 +38,9 @@ DEFAULTS: dict[str, Any] = {
     "unique_lock_timeout": 60.0,
     "unique_on_locked": "order",
     "unique_on_store_error": "raise",  # the lock store unreachable: "raise" or "allow"
+    # Where the lock cannot be written with the message (another broker, another store):
+    # the queueing lock's lease until the broker has the message, then its full timeout.
+    "unique_publish_lease": 10.0,
 }
 
 
@@ -74,6 +77,7 @@ class Resolved:
     lock_limit: int = 1
     lock_timeout: float = DEFAULTS["unique_lock_timeout"]
     on_store_error: str = DEFAULTS["unique_on_store_error"]
+    publish_lease: float = DEFAULTS["unique_publish_lease"]  #: a setting only
 
     @classmethod
     def for_task(cls, app: Celery, per_task: Mapping[str, Any]) -> Resolved:
@@ -158,7 +162,10 @@ def safe_url(url: str) -> str:
 #: collection, a loaded machine or a slow round trip can delay by tenths of a second:
 #: below half a second, renewals would come too late to keep the lock (jobs would
 #: overlap) while costing several calls a second per job.
-FLOORS = {"queueing_lock_timeout": 0.001, "lock_timeout": 0.5}
+FLOORS = {"queueing_lock_timeout": 0.001, "lock_timeout": 0.5,
+          # Below a second, a publish slowed by a loaded machine or one reconnect could
+          # outlast it, and a duplicate be queued beside a job still being published.
+          "publish_lease": 1.0}
 
 
 def check_timeout(value: Any, *, option: str, where: str) -> float:
@@ -213,6 +220,8 @@ def check_settings(app: Celery) -> None:
                  where=where)
     check_choice(setting(app, "unique_on_store_error"), ON_STORE_ERROR,
                  option="unique_on_store_error", where=where)
+    check_timeout(setting(app, "unique_publish_lease"), option="unique_publish_lease",
+                  where=where)
     cluster = setting(app, "unique_redis_cluster")
     if not isinstance(cluster, bool):
         raise ConfigurationError(

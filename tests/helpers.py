@@ -1,8 +1,11 @@
-"""The lock scripts' typed replies as flat lists, as the tests read them."""
+"""Helpers the tests share: the lock scripts' typed replies as flat lists, and the
+queueing locks held in a store."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import redis
 
 from celery_unique.scripts import Grant, LockReply, Released, Swept, Woken
 
@@ -23,3 +26,14 @@ def flat(reply: Any) -> list[Any]:
     if isinstance(reply, Swept):
         return [reply.next_ms, *woken(reply.woken)]
     raise TypeError(reply)
+
+
+def held_locks(store: redis.Redis, pattern: str) -> dict[str, int]:
+    """Each queueing lock's holder and its lease left (ms); one that ended meanwhile (a
+    short lease) is not counted."""
+    held = {}
+    for key in store.scan_iter(pattern):
+        holder, pttl = store.get(key), store.pttl(key)
+        if holder is not None and pttl > 0:
+            held[holder.decode()] = pttl
+    return held

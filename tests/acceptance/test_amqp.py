@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import random
+import signal
 import string
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kombu import Connection
+import redis
+from celery import Celery
+from kombu import Connection, Queue
 
-from celery_unique import AlreadyQueued
+from celery_unique import AlreadyQueued, UniqueTask
 from celery_unique.testing import RedisServer, wait_for
+from tests.helpers import held_locks
 
 from .conftest import Worker
 
@@ -88,4 +95,82 @@ def test_a_worker_with_no_lock_store_named_says_so_once(amqp: Any,
         assert "sweeping the locks" not in worker.logs()  # nothing started
     finally:
         worker.stop()
+        delete_queue(BROKER, queue)
+
+
+def _publish_forever(broker: str, store: str, queue: str, prefix: str, confirm: bool
+                     ) -> None:
+    """A publisher on RabbitMQ: distinct keys, one after the other, until it is killed."""
+    app = Celery("amqp-killed", broker=broker, set_as_current=False)
+    app.conf.update(unique_redis_url=store, task_default_queue=queue,
+                    task_queues=[Queue(queue)], unique_publish_lease=PUBLISH_LEASE,
+                    broker_connection_retry_on_startup=True,
+                    broker_transport_options={"confirm_publish": confirm})
+
+    @app.task(base=UniqueTask, queueing_lock="{n}", name="amqp.killed", shared=False)
+    def killed(n: str) -> None: ...
+
+    i = 0
+    while True:
+        killed.delay(f"{prefix}-{i}")
+        i += 1
+
+
+def _drain(url: str, queue: str) -> set[str]:
+    """The ids of every message in ``queue``, taken off it."""
+    ids = set()
+    with Connection(url, connect_timeout=5) as conn:
+        channel = conn.default_channel
+        while (message := channel.basic_get(queue, no_ack=True)) is not None:
+            ids.add(message.headers["id"])
+    return ids
+
+
+def _depth(url: str, queue: str) -> int:
+    with Connection(url, connect_timeout=5) as conn:
+        try:
+            return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
+        except conn.channel_errors:  # not declared yet: no message yet
+            return 0
+
+
+PUBLISH_LEASE = 1.0
+
+
+@pytest.mark.parametrize("confirm", [False, True], ids=["no-confirms", "confirms"])
+def test_a_publisher_killed_on_rabbitmq_orphans_a_lock_one_short_lease_at_most(
+    amqp: Any, unique_redis_server: RedisServer, confirm: bool,
+) -> None:
+    """Issue's fault run on the non-atomic path: a publisher on RabbitMQ SIGKILLed at
+    random moments 50 times, the locks in a private Redis. A lock left without its
+    message has the short lease of a job not yet published: none is left after it. With
+    publisher confirms, the full lease follows the broker's confirm."""
+    queue = f"celery-unique-killed-{uuid.uuid4().hex[:8]}"
+    store_url = f"{unique_redis_server.url}/5"
+    store = redis.Redis.from_url(store_url)
+    context = multiprocessing.get_context("fork")
+    try:
+        for round_ in range(50):
+            start = _depth(BROKER, queue) if round_ else 0
+            process = context.Process(target=_publish_forever,
+                                      args=(BROKER, store_url, queue, f"{queue}-{round_}",
+                                            confirm))
+            process.start()
+            wait_for(lambda start=start: _depth(BROKER, queue) >= start + 3, timeout=30,
+                     interval=0.005, what="the publisher to publish")
+            time.sleep(random.uniform(0, 0.01))  # the kill's timing, not a wait
+            os.kill(process.pid, signal.SIGKILL)
+            process.join(10)
+        locks = held_locks(store, f"celery_unique:q:*{queue}*")
+        messages = _drain(BROKER, queue)
+        orphans = set(locks) - messages
+        longest = max((locks[o] for o in orphans), default=0)
+        assert longest <= PUBLISH_LEASE * 1000, (len(orphans), longest)
+        wait_for(lambda: not orphans & set(held_locks(store, f"celery_unique:q:*{queue}*")),
+                 timeout=PUBLISH_LEASE + 2, what="the orphans' short leases to end")
+        mode = "confirms" if confirm else "no confirms"
+        print(f"RabbitMQ ({mode}), 50 kills: {len(messages)} messages, {len(orphans)} orphan locks,"
+              f" the longest {longest} ms left, none after the short lease;"
+              f" {len(messages - set(locks))} messages without their lock")
+    finally:
         delete_queue(BROKER, queue)

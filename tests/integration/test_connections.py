@@ -257,3 +257,49 @@ def test_a_connection_kept_with_its_owner_is_the_only_one(
             pool.release(conn)
         kombu_like.close()
     store.client.close()
+
+
+def test_a_deferred_reply_is_read_first_and_never_left_for_another(
+    unique_redis_server: RedisServer,
+) -> None:
+    """The full lease of a published job is sent and its reply read at the thread's next
+    command: that command still gets its own reply. A thread that ends with a reply
+    unread closes its connection before the pool lends it again."""
+    from celery_unique.store import Store
+
+    store = Store.from_url(f"{unique_redis_server.url}/1", {"max_connections": 4})
+    conns = store.conns
+    assert conns is not None
+    key = f"celery_unique:q:{uuid.uuid4()}"
+    store.acquire_queueing_lock(key, "t", 1000)  # the thread keeps a connection
+    store.extend_queueing_lock(key, "t", 2000)  # the first: read at once (loads the script)
+    store.send_extend_queueing_lock(key, "t", 60_000, defer=True)
+    assert conns._local.slot.deferred is not None  # sent, not read
+    assert 59_000 < store.client.pttl(key) <= 60_000  # the server ran it all the same
+    # The next command sent ahead (an enqueue's) reads it first, then gets its own reply.
+    assert store.send_acquire_queueing_lock(key, "t", 90_000).result().taken
+    assert conns._local.slot.deferred is None and 89_000 < store.client.pttl(key) <= 90_000
+
+    closed: list[Any] = []
+
+    def enqueue_and_end() -> None:
+        store.send_acquire_queueing_lock(key, "t", 1000).result()
+        store.extend_queueing_lock(key, "t", 2000)
+        store.send_extend_queueing_lock(key, "t", 5000, defer=True)
+        conn = conns._local.slot.deferred._conn
+        conn_disconnect = conn.disconnect
+
+        def disconnect(*args: Any, **kwargs: Any) -> None:
+            closed.append(conn)
+            conn_disconnect(*args, **kwargs)
+
+        conn.disconnect = disconnect
+
+    thread = threading.Thread(target=enqueue_and_end)
+    thread.start()
+    thread.join(10)
+    wait_for(lambda: closed, timeout=5, what="the unread connection to be closed")
+    for _ in range(4):  # every connection the pool lends answers its own command
+        assert store.send_acquire_queueing_lock(f"celery_unique:q:{uuid.uuid4()}", "u",
+                                                1000).result().taken
+    store.client.close()

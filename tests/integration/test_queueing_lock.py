@@ -40,8 +40,12 @@ def counting_server() -> Iterator[RedisServer]:
     server.stop()
 
 
-def test_enqueue_costs_one_redis_command(counting_server: RedisServer) -> None:
-    """Accepted or duplicate: one EVALSHA, counted by the server itself."""
+def test_enqueue_costs_two_redis_commands_accepted_one_refused(
+    counting_server: RedisServer,
+) -> None:
+    """Off the atomic path (here a memory broker), counted by the server itself: an
+    accepted job takes its lock with a short lease and, once published, gives it its
+    full one (two EVALSHA); a duplicate costs one."""
     app = Celery("tests", broker="memory://", set_as_current=False)
     app.conf.unique_redis_url = f"{counting_server.url}/1"
 
@@ -60,9 +64,12 @@ def test_enqueue_costs_one_redis_command(counting_server: RedisServer) -> None:
     diff = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
     diff.pop("cmdstat_info", None)
     # commandstats also counts what a script calls; the only command sent by a client is
-    # EVALSHA, once per enqueue; GET/SET/PTTL are the script's own, inside that one call.
-    assert diff == {"cmdstat_evalsha": 40, "cmdstat_get": 40, "cmdstat_set": 20,
-                    "cmdstat_pttl": 20}
+    # EVALSHA; GET/SET/PEXPIRE/PTTL are the scripts' own, inside those calls.
+    assert diff == {"cmdstat_evalsha": 60, "cmdstat_get": 60, "cmdstat_set": 20,
+                    "cmdstat_pexpire": 20, "cmdstat_pttl": 20}
+    # Each accepted job's lock has its full lease once published.
+    assert 3590_000 < redis.Redis.from_url(f"{counting_server.url}/1").pttl(
+        f"celery_unique:q:{{{t.name}:a=19}}") <= 3600_000
 
 
 def test_fifty_threads_one_message(redis_app: Celery) -> None:
