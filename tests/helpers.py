@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+from celery import Celery
 
+from celery_unique import UniqueTask
 from celery_unique.scripts import Grant, LockReply, Released, Swept, Woken
 
 
@@ -37,3 +39,14 @@ def held_locks(store: redis.Redis, pattern: str) -> dict[str, int]:
         if holder is not None and pttl > 0:
             held[holder.decode()] = pttl
     return held
+
+
+def publish_forever(app: Celery, prefix: str) -> None:
+    """A publisher for the kill runs: distinct keys, one after the other, until killed."""
+    @app.task(base=UniqueTask, queueing_lock="{n}", name="tests.killed", shared=False)
+    def killed(n: str) -> None: ...
+
+    i = 0
+    while True:
+        killed.delay(f"{prefix}-{i}")
+        i += 1

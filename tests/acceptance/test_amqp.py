@@ -19,9 +19,9 @@ import redis
 from celery import Celery
 from kombu import Connection, Queue
 
-from celery_unique import AlreadyQueued, UniqueTask
+from celery_unique import AlreadyQueued
 from celery_unique.testing import RedisServer, wait_for
-from tests.helpers import held_locks
+from tests.helpers import held_locks, publish_forever
 
 from .conftest import Worker
 
@@ -106,14 +106,7 @@ def _publish_forever(broker: str, store: str, queue: str, prefix: str, confirm: 
                     task_queues=[Queue(queue)], unique_publish_lease=PUBLISH_LEASE,
                     broker_connection_retry_on_startup=True,
                     broker_transport_options={"confirm_publish": confirm})
-
-    @app.task(base=UniqueTask, queueing_lock="{n}", name="amqp.killed", shared=False)
-    def killed(n: str) -> None: ...
-
-    i = 0
-    while True:
-        killed.delay(f"{prefix}-{i}")
-        i += 1
+    publish_forever(app, prefix)
 
 
 def _drain(url: str, queue: str) -> set[str]:

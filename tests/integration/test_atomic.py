@@ -20,7 +20,7 @@ from celery import Celery
 from celery_unique import AlreadyQueued, UniqueTask, broker
 from celery_unique.store import get_store
 from celery_unique.testing import RedisServer, wait_for
-from tests.helpers import held_locks
+from tests.helpers import held_locks, publish_forever
 
 #: The short lease of the separate path in the kill runs (its floor): what an orphan lock
 #: may live at most.
@@ -36,15 +36,7 @@ def make_app(url: str, store_db: int, queue: str) -> Celery:
 
 def _publish_forever(url: str, store_db: int, queue: str, prefix: str) -> None:
     """The publisher: distinct keys, one after the other, until it is killed."""
-    app = make_app(url, store_db, queue)
-
-    @app.task(base=UniqueTask, queueing_lock="{n}", name="tests.killed", shared=False)
-    def killed(n: str) -> None: ...
-
-    i = 0
-    while True:
-        killed.delay(f"{prefix}-{i}")
-        i += 1
+    publish_forever(make_app(url, store_db, queue), prefix)
 
 
 def kill_publishers(server: RedisServer, store_db: int, kills: int) -> dict[str, int]:
