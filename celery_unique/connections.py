@@ -29,6 +29,9 @@ class ThreadConnections:
     def __init__(self, pool: Any, pool_args: tuple[str, ...]) -> None:
         self.pool, self._pool_args = pool, pool_args
         self.cap = int(getattr(pool, "max_connections", 0) or 0) // 2
+        #: A reply said NOSCRIPT: the server forgot its scripts (a restart, a flush), so a
+        #: reply must not be left unread until they are loaded again.
+        self.scripts_lost = False
         self._lock = threading.RLock()  # re-entrant: a slot's __del__ may run inside
         self._reset()
 

@@ -372,15 +372,19 @@ class Scripts:
                                key, token)
             return bool(reply)
 
-        # The first one is read at once: a script the server does not know yet would wait,
-        # unread, for the thread's next command to be run (redis-py loads it on NOSCRIPT).
-        defer = defer and self._extend_loaded
+        # Read at once the first time, and after the server forgot its scripts: a script it
+        # does not know would wait, unread, for the thread's next command to be run
+        # (redis-py loads it on NOSCRIPT).
+        conns = self.conns
+        defer = defer and self._extend_loaded and not (conns is not None and conns.scripts_lost)
         pending = send(self.conns, self._run, self._extend_queueing, [key], [token, ttl_ms],
                        parse)
-        if not (defer and self.conns is not None and pending._conn is not None
-                and self.conns.defer(pending)):
+        if not (defer and conns is not None and pending._conn is not None
+                and conns.defer(pending)):
             pending.result()
             self._extend_loaded = True
+            if conns is not None:
+                conns.scripts_lost = False
         return pending
 
     #: KEYS[1]: a queueing lock's key. ARGV[1]: the asking job's token. Reads only: returns
@@ -787,6 +791,7 @@ class Pending(Generic[T]):
             try:
                 reply = conn.read_response()
             except redis.ResponseError:  # NOSCRIPT: the server restarted or was flushed
+                self._conns.scripts_lost = True
                 self._conns.give_back(conn)
             except BaseException as exc:
                 # A broken connection must not be used again with a reply unread.

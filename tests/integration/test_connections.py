@@ -303,3 +303,27 @@ def test_a_deferred_reply_is_read_first_and_never_left_for_another(
         assert store.send_acquire_queueing_lock(f"celery_unique:q:{uuid.uuid4()}", "u",
                                                 1000).result().taken
     store.client.close()
+
+
+def test_after_the_server_forgot_its_scripts_the_full_lease_is_not_left_unread(
+    unique_redis_server: RedisServer,
+) -> None:
+    """A lock store restarted or flushed forgets its scripts: the lock taken in the same
+    enqueue says NOSCRIPT, and the full lease is then read at once (which loads it),
+    not left for a next enqueue that may never come."""
+    from celery_unique.store import Store
+
+    store = Store.from_url(f"{unique_redis_server.url}/1")
+    conns = store.conns
+    assert conns is not None
+    key = f"celery_unique:q:{uuid.uuid4()}"
+    store.send_acquire_queueing_lock(key, "t", 1000).result()
+    store.extend_queueing_lock(key, "t", 2000)  # loaded
+    store.client.script_flush()
+    store.send_acquire_queueing_lock(key, "t", 1000).result()  # NOSCRIPT, then run again
+    store.send_extend_queueing_lock(key, "t", 60_000, defer=True)
+    assert conns._local.slot.deferred is None  # read at once
+    assert 59_000 < store.client.pttl(key) <= 60_000
+    store.send_extend_queueing_lock(key, "t", 70_000, defer=True)
+    assert conns._local.slot.deferred is not None  # loaded again: deferred again
+    store.client.close()
