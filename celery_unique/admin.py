@@ -51,14 +51,17 @@ class LockInfo:
     #: ran out that long ago (its worker died, or froze). Empty for a queueing lock, whose
     #: holder is a job in the queue or running, which Redis cannot tell apart.
     leases: tuple[float, ...] = ()
+    #: A queueing lock taken and not yet published (its short lease: the separate path).
+    publishing: bool = False
 
     def holder_status(self) -> tuple[str, ...]:
         """Each holder's status: ``"alive"`` (its lease is being renewed: a worker runs it),
         ``"lease expired"`` (nothing renewed it: its worker died or froze; the next
-        sweep, or :func:`release` with ``dead=True``, gives the lock on), ``"unknown"``
-        (a queueing lock's holder)."""
+        sweep, or :func:`release` with ``dead=True``, gives the lock on), ``"publishing"``
+        (a queueing lock whose message is being published: on its short lease until
+        then), ``"unknown"`` (a queueing lock's holder, queued or running)."""
         if self.kind != "lock":
-            return ("unknown",) * len(self.holders)
+            return ("publishing" if self.publishing else "unknown",) * len(self.holders)
         return tuple("alive" if left > 0 else "lease expired" for left in self.leases)
 
     def as_dict(self) -> dict[str, Any]:
@@ -184,7 +187,8 @@ def _infos(app: Celery, store: Store, entries: list[tuple[str, str]]) -> list[Lo
             name, value = queueing(key[len(prefix) + 4:-1])
             pttl = int(row[1])
             out.append(LockInfo(key, "queueing", name, value, (row[0],),
-                                pttl / 1000 if pttl >= 0 else None, None, 0))
+                                pttl / 1000 if pttl >= 0 else None, None, 0,
+                                publishing=row[2] == "1"))
             continue
         name, value = shared(key[len(prefix) + 4:-1])
         leases = tuple(round((float(d) - now_ms) / 1000, 3) for d in row[3::2])

@@ -175,7 +175,8 @@ class Push:
                 enter_line()
                 return publish(task_id)
             sent = store.send_acquire_queueing_lock(
-                key, task_id, self.publish_ms if short else self.ttl_ms, now=eager)
+                key, task_id, self.publish_ms if short else self.ttl_ms, now=eager,
+                publishing=short)
             if eager:
                 sent.result().check()
                 enter_line()
@@ -185,8 +186,16 @@ class Push:
                                                 sent, enter_line)
                 result = publish(task_id)
             else:
+                # The full lease as soon as kombu has published (not after Celery's
+                # after_task_publish): the window a killed caller may hit, the smallest.
+                def published() -> None:
+                    nonlocal short
+                    short = False
+                    self._published(key)
+
                 with app.producer_or_acquire(producer) as real_producer:
-                    result = publish(task_id, GatedProducer(real_producer, sent, enter_line))
+                    result = publish(task_id, GatedProducer(
+                        real_producer, sent, enter_line, published if short else None))
         except Duplicate:
             raise
         except BaseException:

@@ -27,7 +27,8 @@ from .settings import safe_url
 from .wire import RegistryEntry
 
 __all__ = ["Duplicate", "GatedProducer", "GatedRouter", "Grant", "LockReply", "Pending",
-           "Released", "Scripts", "Swept", "Taken", "Woken", "read_keys", "text"]
+           "Released", "Scripts", "Swept", "Taken", "Woken", "publishing_key", "read_keys",
+           "text"]
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +317,8 @@ class Scripts:
 
     # -- the queueing lock ------------------------------------------------------------
 
-    #: KEYS[1]: the queueing lock's key.
+    #: KEYS[1]: the queueing lock's key; KEYS[2] (optional): its publishing mark
+    #: (:func:`publishing_key`), set with the same lease: the lock is not published yet.
     #: ARGV[1]: the owner's token (the job's task id); ARGV[2]: the lease in milliseconds.
     #: Returns nil when taken, or already held by this owner (its lease is renewed: a retry
     #: re-takes its own lock); else ``{holder's token, holder's PTTL in ms}``. (nil is the
@@ -325,6 +327,7 @@ class Scripts:
     local holder = redis.call('GET', KEYS[1])
     if (not holder) or holder == ARGV[1] then
       redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+      if KEYS[2] then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end
       return false
     end
     return {holder, redis.call('PTTL', KEYS[1])}
@@ -335,9 +338,11 @@ class Scripts:
         return self.send_acquire_queueing_lock(key, token, ttl_ms, now=True).result()
 
     def send_acquire_queueing_lock(self, key: str, token: str, ttl_ms: int, *,
-                                   now: bool = False) -> Pending[Taken]:
-        """:meth:`acquire_queueing_lock` sent now, its reply read later (``now``: read)."""
-        args = [key], [token, ttl_ms]
+                                   now: bool = False, publishing: bool = False
+                                   ) -> Pending[Taken]:
+        """:meth:`acquire_queueing_lock` sent now, its reply read later (``now``: read).
+        ``publishing``: marked as not published yet, until :meth:`extend_queueing_lock`."""
+        args = [key, publishing_key(key)] if publishing else [key], [token, ttl_ms]
         if now:
             pending = Pending(self._run, self._acquire_queueing, *args, _taken(token, ttl_ms))
             pending.result()
@@ -345,11 +350,12 @@ class Scripts:
         return send(self.conns, self._run, self._acquire_queueing, *args,
                     _taken(token, ttl_ms))
 
-    #: KEYS[1]: a queueing lock's key. ARGV[1]: the owner's token; ARGV[2]: its new lease
-    #: in ms. Returns 1 when the owner's lease was set, 0 when the key is gone or another
-    #: owner's (left alone).
+    #: KEYS[1]: a queueing lock's key; KEYS[2]: its publishing mark, removed.
+    #: ARGV[1]: the owner's token; ARGV[2]: its new lease in ms. Returns 1 when the owner's
+    #: lease was set, 0 when the key is gone or another owner's (left alone).
     EXTEND_QUEUEING_LOCK = """
     if redis.call('GET', KEYS[1]) == ARGV[1] then
+      redis.call('DEL', KEYS[2])
       return redis.call('PEXPIRE', KEYS[1], ARGV[2])
     end
     return 0
@@ -377,8 +383,8 @@ class Scripts:
         # (redis-py loads it on NOSCRIPT).
         conns = self.conns
         defer = defer and self._extend_loaded and not (conns is not None and conns.scripts_lost)
-        pending = send(self.conns, self._run, self._extend_queueing, [key], [token, ttl_ms],
-                       parse)
+        pending = send(self.conns, self._run, self._extend_queueing,
+                       [key, publishing_key(key)], [token, ttl_ms], parse)
         if not (defer and conns is not None and pending._conn is not None
                 and conns.defer(pending)):
             pending.result()
@@ -401,11 +407,12 @@ class Scripts:
         return send(self.conns, self._run, self._peek_queueing, [key], [token],
                     _taken(token, 0))
 
-    #: KEYS[1]: a lock's key. ARGV[1]: the owner's token.
+    #: KEYS[1]: a lock's key; KEYS[2]: its publishing mark. ARGV[1]: the owner's token.
     #: Returns 1 when deleted, 0 when the key is gone or held by another owner (whose lock is
     #: left alone: a job whose lease expired never deletes its successor's lock).
     RELEASE_QUEUEING_LOCK = """
     if redis.call('GET', KEYS[1]) == ARGV[1] then
+      redis.call('DEL', KEYS[2])
       return redis.call('DEL', KEYS[1])
     end
     return 0
@@ -413,7 +420,7 @@ class Scripts:
 
     def release(self, key: str, token: str) -> bool:
         """Delete the queueing lock ``key`` if ``token`` holds it."""
-        return bool(self._run(self._release_queueing, [key], [token]))
+        return bool(self._run(self._release_queueing, [key, publishing_key(key)], [token]))
 
     def release_quietly(self, key: str, token: str, why: str) -> None:
         """:meth:`release`, logging instead of raising: for paths that must not fail a job."""
@@ -698,13 +705,13 @@ class Scripts:
         return Swept(int(reply[0]), _woken(reply[1:]))
 
     #: The operator's listing (``celery_unique.admin``): a page of locks of both kinds read in
-    #: one command. KEYS: per queueing lock its key; per execution lock its holders, line and
-    #: seq keys. ARGV[1]: one letter per lock, in KEYS' order: ``q`` a queueing lock, ``h`` a
-    #: lock found by its holders key, ``l`` one found by its line (skipped when it has
-    #: holders: the scan lists it by those). Returns one string, the server time in ms, then a
-    #: line per lock, ``holder NUL PTTL`` (queueing) or ``waiting NUL seq NUL token NUL
-    #: deadline...`` (lock), empty for a lock gone or skipped: one reply to parse, not a
-    #: nested array.
+    #: one command. KEYS: per queueing lock its key and its publishing mark; per execution
+    #: lock its holders, line and seq keys. ARGV[1]: one letter per lock, in KEYS' order:
+    #: ``q`` a queueing lock, ``h`` a lock found by its holders key, ``l`` one found by its
+    #: line (skipped when it has holders: the scan lists it by those). Returns one string,
+    #: the server time in ms, then a line per lock, ``holder NUL PTTL NUL publishing
+    #: (0/1)`` (queueing) or ``waiting NUL seq NUL token NUL deadline...`` (lock), empty for
+    #: a lock gone or skipped: one reply to parse, not a nested array.
     READ_LOCKS = """
     local clock = redis.call('TIME')
     local nul = string.char(0)
@@ -714,8 +721,9 @@ class Scripts:
       local kind = string.sub(ARGV[1], i, i)
       if kind == 'q' then
         local holder = redis.call('GET', KEYS[k])
-        out[#out + 1] = holder and (holder .. nul .. redis.call('PTTL', KEYS[k])) or ''
-        k = k + 1
+        out[#out + 1] = holder and (holder .. nul .. redis.call('PTTL', KEYS[k]) .. nul ..
+          redis.call('EXISTS', KEYS[k + 1])) or ''
+        k = k + 2
       else
         local held = redis.call('ZRANGE', KEYS[k], 0, -1, 'WITHSCORES')
         local waiting = redis.call('ZCARD', KEYS[k + 1])
@@ -907,13 +915,15 @@ class GatedRouter:
 class GatedProducer:
     """The producer Celery gets: its first use (``P.connection``, right after Celery has
     built the message) waits for the lock's reply and stops the publish on a duplicate;
-    ``then`` runs once the lock is taken."""
+    ``then`` runs once the lock is taken; ``published``, right after kombu's publish
+    returns (before Celery's ``after_task_publish``)."""
 
-    __slots__ = ("_pending", "_producer", "_then")
+    __slots__ = ("_pending", "_producer", "_published", "_then")
 
     def __init__(self, producer: Any, pending: Pending[Taken],
-                 then: Callable[[], None]) -> None:
-        self._producer, self._then = producer, then
+                 then: Callable[[], None], published: Callable[[], None] | None = None
+                 ) -> None:
+        self._producer, self._then, self._published = producer, then, published
         self._pending: Pending[Taken] | None = pending
 
     def __getattr__(self, name: str) -> Any:
@@ -922,11 +932,29 @@ class GatedProducer:
             self._pending = None
             pending.result().check()
             self._then()
-        return getattr(self._producer, name)
+        value = getattr(self._producer, name)
+        if name == "publish" and self._published is not None:
+            return self._publish_then(value)
+        return value
+
+    def _publish_then(self, publish: Callable[..., Any]) -> Callable[..., Any]:
+        def published(*args: Any, **kwargs: Any) -> Any:
+            result = publish(*args, **kwargs)
+            done, self._published = self._published, None
+            if done is not None:
+                done()
+            return result
+        return published
+
+
+def publishing_key(key: str) -> str:
+    """The mark of a queueing lock taken and not yet published (the separate path): the
+    lock's key and a suffix, so the same hash slot, and never listed as a lock itself."""
+    return f"{key}:publishing"
 
 
 def read_keys(letter: str, key: str) -> list[str]:
     if letter == "q":
-        return [key]
+        return [key, publishing_key(key)]
     holders, line, _, seq, *_ = lock_keys(key)
     return [holders, line, seq]

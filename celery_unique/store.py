@@ -99,7 +99,7 @@ class Store(Scripts):
         for letter, key in entries:
             keys = read_keys(letter, key)
             if letter == "q":
-                pipe.get(key).pttl(key)
+                pipe.get(key).pttl(key).exists(keys[1])
             else:
                 pipe.zrange(keys[0], 0, -1, withscores=True).zcard(keys[1]).get(keys[2])
         seconds, micros = self.client.time()
@@ -107,8 +107,8 @@ class Store(Scripts):
         rows: list[list[str] | None] = []
         for letter, _ in entries:
             if letter == "q":
-                holder, pttl = next(replies), next(replies)
-                rows.append([text(holder), str(pttl)] if holder else None)
+                holder, pttl, publishing = next(replies), next(replies), next(replies)
+                rows.append([text(holder), str(pttl), str(publishing)] if holder else None)
                 continue
             held, waiting, seq = next(replies), next(replies), next(replies)
             if (letter == "l" and held) or not (held or waiting):

@@ -17,7 +17,7 @@ import pytest
 import redis
 from celery import Celery
 
-from celery_unique import AlreadyQueued, UniqueTask, broker
+from celery_unique import AlreadyQueued, UniqueTask, admin, broker
 from celery_unique.store import get_store
 from celery_unique.testing import RedisServer, wait_for
 from tests.helpers import held_locks, publish_forever
@@ -89,6 +89,14 @@ def test_with_locks_taken_before_the_push_an_orphan_lives_one_short_lease(
     whose lock ends with that short lease (counted, not asserted: it takes a kill in a
     window of one round trip)."""
     counts = kill_publishers(unique_redis_server, store_db=1, kills=50)
+    # The listing tells them: each lock still without its message is "publishing".
+    app = make_app(unique_redis_server.url, 1, counts["queue"])
+    status = {info.holders[0]: info.holder_status()[0]
+              for info in admin.iter_locks(app, kind="queueing")}
+    messages = {json.loads(m)["headers"]["id"] for m in redis.Redis.from_url(
+        f"{unique_redis_server.url}/2").lrange(counts["queue"], 0, -1)}
+    assert {status[h] for h in set(status) - messages} <= {"publishing"}, status
+    assert list(status.values()).count("unknown") > 40  # published: their full lease
     assert counts["messages"] > 50
     assert counts["orphan_locks"] > 0, counts
     assert 0 < counts["orphan_pttl_max"] <= PUBLISH_LEASE * 1000, counts

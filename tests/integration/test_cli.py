@@ -117,6 +117,20 @@ def test_a_dead_holder_is_told_from_a_live_one_and_released_alone(cli: Any) -> N
     assert set(listed()) == {"live", "report_q@example.com"}
 
 
+def test_a_lock_not_yet_published_is_listed_as_publishing(cli: Any) -> None:
+    store = cli.module.locked._unique_store()
+    key = "celery_unique:q:{cli.report:report_p@example.com}"
+    store.send_acquire_queueing_lock(key, "job-p", 10_000, publishing=True).result()
+
+    def status() -> list[str]:
+        [lock] = json.loads(cli("locks", "--json").stdout)
+        return list(lock["status"])
+
+    assert status() == ["publishing"]
+    assert store.extend_queueing_lock(key, "job-p", 60_000)  # published: its full lease
+    assert status() == ["unknown"] and not cli.client.exists(f"{key}:publishing")
+
+
 def test_ten_thousand_locks_are_listed(cli: Any) -> None:
     pipe = cli.client.pipeline(transaction=False)
     for n in range(10_000):
