@@ -120,7 +120,8 @@ def _lock_reply(reply: list[Any]) -> LockReply:
     grant = Grant(int(reply[0]))
     if grant is Grant.TAKEN:
         return LockReply(grant, int(reply[1]), "", -1, [])
-    return LockReply(grant, 0, text(reply[1]), int(reply[2]), _woken(reply[3:]))
+    place = -1 if reply[2] is None else int(reply[2])  # no place (never from our scripts)
+    return LockReply(grant, 0, text(reply[1]), place, _woken(reply[3:]))
 
 
 def _taken(token: str, ttl_ms: int) -> Callable[[Any], Taken]:
@@ -538,13 +539,16 @@ class Scripts:
     if not redis.call('ZSCORE', KW, token) then
       redis.call('ZADD', KW, next_seq(), token)
     end
+    -- At a worker now (it parks next, or asks again in eager mode): its place is kept a
+    -- lease ahead before the front is looked at, which gives up only the places of jobs
+    -- still on their way (its own deadline may have passed while it was away: a worker
+    -- that died, a message the broker gave back late).
+    redis.call('ZADD', KE, now + lease, token)
     if free > 0 then
       for _, t in ipairs(front(free)) do
         if t == token then return grant() end
       end
     end
-    -- At a worker now (it parks next, or asks again in eager mode): a lease ahead.
-    redis.call('ZADD', KE, now + lease, token)
     arrived({token}, lease)
     return wake(limit, lease, {0, holder(), redis.call('ZRANK', KW, token)})
     """

@@ -328,3 +328,27 @@ def test_the_places_of_several_locks_are_marked_in_one_round_trip(
         # Three EVALSHAs, pipelined; after a flush, the three are refused and run again
         # alone (the first of those refused too, then loaded).
         assert sent == (3 if not flush else 7), sent
+
+
+def test_a_job_coming_back_after_its_place_expired_still_waits_in_line(
+    unique_redis_server: RedisServer,
+) -> None:
+    """Found by the broker-restart runs: a worker received two jobs (their places a lease
+    ahead) and died with the holder; the broker gave the messages back after the places'
+    deadline. Asking for the free lock, a job gave its own expired place up inside the
+    script and was told to wait with no place at all: the worker failed it on that
+    reply. A job that has arrived keeps its place now, and both run, in turn."""
+    store = make_store(unique_redis_server)
+    lock = Lock(store, lease=300)
+    assert lock.acquire("holder")[0] == 1
+    for token in ("first", "second"):
+        store.send_enter_line(lock.base, token, 3_600_000).result()
+    store.arrive(lock.base, lease_ms=lock.lease, tokens=["first", "second"])
+    time.sleep(0.4)  # past the holder's lease and the places' deadline: the fault
+    # "second"'s message comes back first: "first"'s place, expired and still away, is
+    # given up (the liveness rule), so "second" takes the free lock.
+    assert lock.acquire("second")[0] == 1
+    reply = lock.acquire("first")  # back late: it waits, with a place (was: none)
+    assert reply[0] == 0 and reply[1] == "second" and reply[2] == 0, reply
+    lock.park("first", "message-first")
+    assert lock.release("second")[1:] == ["first", "message-first"]
