@@ -104,6 +104,15 @@ def hold(token: str) -> str:
     return token
 
 
+@app.task(base=UniqueTask, lock="tracked_{token}", name="acceptance.tracked",
+          track_started=True)
+def tracked(token: str) -> str:
+    """Holds its lock until told to go; the result backend knows where it runs."""
+    coord.set(f"started:{token}", os.getpid())
+    wait_go(token)
+    return token
+
+
 @app.task(base=UniqueTask, queueing_lock="job_{token}", queueing_lock_until="finished",
           name="acceptance.finished_job", bind=True)
 def finished_job(self: Any, token: str, outcome: str = "ok") -> str:

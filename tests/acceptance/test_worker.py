@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -12,6 +16,8 @@ from celery import chain
 
 from celery_unique import AlreadyQueued, UniqueTask
 from celery_unique.testing import wait_for
+
+from .conftest import ROOT
 
 pytestmark = pytest.mark.acceptance
 
@@ -242,3 +248,32 @@ def test_send_task_never_deletes_a_lock_it_does_not_hold(
     assert result.get(timeout=20) == t
     ended(coord, result.id, 1)
     assert store.get(k) == b"another-job"
+
+
+def test_the_listing_names_a_running_holders_worker(
+    tasks: Any, coord: Any, worker: Any,
+) -> None:
+    """With ``task_track_started`` (here the task's ``track_started``), ``show`` and
+    ``locks --json --states`` name the worker and the pool process running a holder."""
+    t = token()
+    result = tasks.tracked.delay(t)
+    try:
+        pid = int(wait_for(lambda: coord.get(f"started:{t}"), timeout=20,
+                           what="the job to start"))
+        wait_for(lambda: result.state == "STARTED", timeout=10, what="STARTED stored")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        shown = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "tests.acceptance.tasks", "unique", "show",
+             f"tracked_{t}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert "alive, lease" in shown.stdout, shown.stdout + shown.stderr
+        assert f"STARTED on {worker.hostname} (pid {pid})" in shown.stdout, shown.stdout
+        listed = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "tests.acceptance.tasks", "unique", "locks",
+             "--json", "--states", "--match", f"tracked_{t}"], cwd=ROOT, env=env,
+            capture_output=True, text=True, timeout=60)
+        [lock] = json.loads(listed.stdout)
+        assert lock["status"] == ["alive"] and lock["states"] == ["STARTED"]
+        assert lock["workers"] == [{"hostname": worker.hostname, "pid": pid}]
+    finally:
+        coord.set(f"go:{t}", 1)
+    assert result.get(timeout=20) == t
