@@ -85,8 +85,11 @@ def _replicated(port: int) -> bool:
 
 
 def _master(port: int) -> int | None:
+    # The raw command: redis-py 6.4's reply parser rejects its own
+    # sentinel_get_master_addr_by_name on a plain client.
     try:
-        address = redis.Redis(port=port).sentinel_get_master_addr_by_name("mymaster")
+        address = redis.Redis(port=port).execute_command(
+            "SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster")
     except redis.RedisError:
         return None
     return int(address[1]) if address else None
