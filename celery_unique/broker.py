@@ -89,7 +89,7 @@ class Push:
     """
 
     __slots__ = ("capture", "captured", "line", "publish_ms", "pushed", "queueing_key",
-                 "refused", "store", "task_id", "ttl_ms")
+                 "refused", "short", "store", "task_id", "ttl_ms")
 
     def __init__(self, store: Store, task_id: str, queueing_key: str | None = None,
                  ttl_ms: int = 0, line: Lock | None = None, capture: bool = False,
@@ -97,6 +97,8 @@ class Push:
         self.store, self.task_id = store, task_id
         self.queueing_key, self.ttl_ms, self.line = queueing_key, ttl_ms, line
         self.capture, self.publish_ms = capture, publish_ms
+        #: The queueing lock is on its short lease until :meth:`_published`.
+        self.short = False
         self.captured: str | None = None
         self.pushed = self.refused = False
 
@@ -169,7 +171,7 @@ class Push:
 
         sent: Pending[Taken] | None = None
         # Short until the broker has the message, unless the lease is short already.
-        short = 0 < self.publish_ms < self.ttl_ms and not eager
+        short = self.short = 0 < self.publish_ms < self.ttl_ms and not eager
         try:
             if key is None:
                 enter_line()
@@ -188,14 +190,9 @@ class Push:
             else:
                 # The full lease as soon as kombu has published (not after Celery's
                 # after_task_publish): the window a killed caller may hit, the smallest.
-                def published() -> None:
-                    nonlocal short
-                    short = False
-                    self._published(key)
-
                 with app.producer_or_acquire(producer) as real_producer:
                     result = publish(task_id, GatedProducer(
-                        real_producer, sent, enter_line, published if short else None))
+                        real_producer, sent, enter_line, self._published if short else None))
         except Duplicate:
             raise
         except BaseException:
@@ -208,14 +205,17 @@ class Push:
                 sent.settle()
             for each in entered:
                 each.settle()
-        if short and key is not None:
-            self._published(key)
+        self._published()  # unless the producer's publish did
         return result
 
-    def _published(self, key: str) -> None:
+    def _published(self) -> None:
         """The broker has the message (with publisher confirms, has confirmed it): the
-        queueing lock's short lease becomes its full one. Sent, not waited for: its
+        queueing lock's short lease becomes its full one, once. Sent, not waited for: its
         reply is read at the thread's next command (a lock lost meanwhile is logged)."""
+        key = self.queueing_key
+        if not self.short or key is None:
+            return
+        self.short = False
         try:
             self.store.send_extend_queueing_lock(key, self.task_id, self.ttl_ms, defer=True)
         except Exception:
