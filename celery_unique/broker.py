@@ -32,7 +32,7 @@ from kombu.serialization import dumps
 from kombu.utils import json as kombu_json
 
 from .exceptions import LockStoreUnavailable
-from .scripts import Duplicate, GatedProducer, GatedRouter, Pending, Taken, Woken
+from .scripts import Duplicate, GatedProducer, GatedRouter, Woken
 from .settings import safe_url
 from .signals import report_store_unavailable
 from .state import app_state
@@ -89,7 +89,7 @@ class Push:
     """
 
     __slots__ = ("capture", "captured", "line", "publish_ms", "pushed", "queueing_key",
-                 "refused", "short", "store", "task_id", "ttl_ms")
+                 "refused", "store", "task_id", "ttl_ms")
 
     def __init__(self, store: Store, task_id: str, queueing_key: str | None = None,
                  ttl_ms: int = 0, line: Lock | None = None, capture: bool = False,
@@ -97,8 +97,6 @@ class Push:
         self.store, self.task_id = store, task_id
         self.queueing_key, self.ttl_ms, self.line = queueing_key, ttl_ms, line
         self.capture, self.publish_ms = capture, publish_ms
-        #: The queueing lock is on its short lease until :meth:`_published`.
-        self.short = False
         self.captured: str | None = None
         self.pushed = self.refused = False
 
@@ -129,8 +127,9 @@ class Push:
         to accept: the push decides."""
         sent = None
         if peek and self.queueing_key:
-            sent = self.store.send_peek_queueing_lock(self.queueing_key, self.task_id)
-            options["router"] = GatedRouter(options.get("router") or app.amqp.router, sent)
+            sent = peeked = self.store.send_peek_queueing_lock(self.queueing_key, self.task_id)
+            options["router"] = GatedRouter(options.get("router") or app.amqp.router,
+                                            lambda: peeked.result().check())
         try:
             with pushing(self):
                 result = publish(self.task_id)
@@ -150,97 +149,47 @@ class Push:
             # Redis transport calls: a kombu that publishes some other way. The locks are
             # taken now, late rather than never, and it is said once.
             _warn_unpushed(app, task.name)
-            self.take()
+            self.store.take_locks(self.task_id, self.queueing_key, self.ttl_ms, self.line
+                                  ).check()
         return result
 
     def separate(self, app: Celery, publish: Publish, producer: Any,
                  options: dict[str, Any], *, eager: bool, at_router: bool) -> AsyncResult:
-        """Publish, the locks taken by commands sent first and read while Celery works:
-        the round trip overlaps Celery's message building instead of preceding it. The
-        reply is read when Celery first uses the producer, once the message is built; or
-        at routing, before it builds it (``at_router``: a key found held moments ago, or
-        a message Celery sends on a ``connection`` of the caller's). Eager mode runs the
-        job in the caller, without routing or producer: it waits for the reply first."""
-        key, store, task_id = self.queueing_key, self.store, self.task_id
-        entered: list[Pending[int]] = []
-
-        def enter_line() -> None:
-            if self.line is not None:
-                entered.append(store.send_enter_line(self.line.base, task_id,
-                                                     self.line.wait_ms))
-
-        sent: Pending[Taken] | None = None
-        # Short until the broker has the message, unless the lease is short already.
-        short = self.short = 0 < self.publish_ms < self.ttl_ms and not eager
+        """Publish, the locks taken first (:class:`~celery_unique.scripts.Reservation`):
+        sent now, read when Celery first uses the producer, once the message is built,
+        so that the round trip overlaps Celery's work; or at routing, before it builds it
+        (``at_router``: a key found held moments ago, or a message Celery sends on a
+        ``connection`` of the caller's). Eager mode runs the job in the caller, without
+        routing or producer: the reply is read first."""
+        locks = self.store.reserve(self.task_id, self.queueing_key, self.ttl_ms, self.line,
+                                   publish_ms=self.publish_ms, now=eager)
+        woken: list[Woken] = []
         try:
-            if key is None:
-                enter_line()
-                return publish(task_id)
-            sent = store.send_acquire_queueing_lock(
-                key, task_id, self.publish_ms if short else self.ttl_ms, now=eager,
-                publishing=short)
-            if eager:
-                sent.result().check()
-                enter_line()
-                return publish(task_id)
-            if at_router:
+            if eager or self.queueing_key is None:
+                locks.check()
+                result = publish(self.task_id)
+            elif at_router:
                 options["router"] = GatedRouter(options.get("router") or app.amqp.router,
-                                                sent, enter_line)
-                result = publish(task_id)
+                                                locks.check)
+                result = publish(self.task_id)
             else:
                 # The full lease as soon as kombu has published (not after Celery's
                 # after_task_publish): the window a killed caller may hit, the smallest.
                 with app.producer_or_acquire(producer) as real_producer:
-                    result = publish(task_id, GatedProducer(
-                        real_producer, sent, enter_line, self._published if short else None))
+                    result = publish(self.task_id, GatedProducer(real_producer, locks))
+            locks.published()  # unless the producer's publish did
         except Duplicate:
             raise
         except BaseException:
             # The message was not published (or, in eager mode, the job raised): its locks
             # would otherwise block others until their leases run out.
-            self._undo(app, sent, entered)
+            woken = locks.undo()
             raise
         finally:
-            if sent is not None:
-                sent.settle()
-            for each in entered:
-                each.settle()
-        self._published()  # unless the producer's publish did
+            locks.settle()
+            if woken:
+                publish_woken(app, self.store, woken)
         return result
-
-    def _published(self) -> None:
-        """The broker has the message (with publisher confirms, has confirmed it): the
-        queueing lock's short lease becomes its full one, once. Sent, not waited for: its
-        reply is read at the thread's next command (a lock lost meanwhile is logged)."""
-        key = self.queueing_key
-        if not self.short or key is None:
-            return
-        self.short = False
-        try:
-            self.store.send_extend_queueing_lock(key, self.task_id, self.ttl_ms, defer=True)
-        except Exception:
-            # Published, so not an error for the caller; but the key may take a duplicate
-            # once the short lease ends.
-            logger.exception(
-                "celery-unique: %s was published, but its queueing lock %s could not be given"
-                " its full lease: it ends within unique_publish_lease", self.task_id, key)
-
-    def _undo(self, app: Celery, sent: Pending[Taken] | None,
-              entered: list[Pending[int]]) -> None:
-        """Give up the locks of a message that was not published."""
-        store, line = self.store, self.line
-        if sent is not None and (sent.settle() or (False,))[0]:
-            store.release_quietly(self.queueing_key or "", self.task_id, "publish failed")
-        for each in entered:
-            each.settle()
-        if entered and line is not None:
-            try:
-                released = store.release_lock(line.base, token=self.task_id,
-                                              limit=line.limit, lease_ms=line.lease_ms)
-                publish_woken(app, store, released.woken)
-            except Exception:
-                logger.exception("celery-unique: could not release %s for %s", line.base,
-                                 self.task_id)
 
     def put(self, channel: Any, queue: str, message: dict[str, Any], kwargs: Any) -> Any:
         """Push ``message`` onto ``queue`` with its locks, or raise :class:`Duplicate`."""
@@ -281,9 +230,7 @@ class Push:
     def take(self, check: bool = True) -> None:
         """Take the locks with the store's own commands (kombu pushes the message);
         ``check``: raise :class:`Duplicate` when the queueing lock is held."""
-        line = self.line
-        taken = self.store.take_locks(self.task_id, self.queueing_key, self.ttl_ms,
-                                      line.base if line else None, line.wait_ms if line else 0)
+        taken = self.store.take_locks(self.task_id, self.queueing_key, self.ttl_ms, self.line)
         if check:
             self.refused = not taken.taken
             taken.check()

@@ -24,11 +24,11 @@ from .connections import CONNECTION_ERRORS, ThreadConnections, keep, unkeep
 from .exceptions import LockStoreUnavailable
 from .keys import line_keys, lock_keys
 from .settings import safe_url
-from .wire import RegistryEntry
+from .wire import Lock, RegistryEntry
 
 __all__ = ["Duplicate", "GatedProducer", "GatedRouter", "Grant", "LockReply", "Pending",
-           "Released", "Scripts", "Swept", "Taken", "Woken", "publishing_key", "read_keys",
-           "text"]
+           "Released", "Reservation", "Scripts", "Swept", "Taken", "Woken", "publishing_key",
+           "read_keys", "text"]
 
 logger = logging.getLogger(__name__)
 
@@ -488,15 +488,20 @@ class Scripts:
                     [token, wait_ms], int)
 
     def take_locks(self, token: str, queueing_key: str | None, ttl_ms: int,
-                   line_base: str | None, wait_ms: int) -> Taken:
+                   line: Lock | None) -> Taken:
         """The locks of a message kombu pushes itself: the queueing lock (if any), then,
-        when it was taken, the place in the line of ``line_base`` (two round trips)."""
+        when it was taken, the place in ``line`` (two round trips)."""
         taken = Taken(True, token, ttl_ms)
         if queueing_key:
             taken = self.acquire_queueing_lock(queueing_key, token, ttl_ms)
-        if taken.taken and line_base is not None:
-            self.enter_line(line_base, token, wait_ms)
+        if taken.taken and line is not None:
+            self.enter_line(line.base, token, line.wait_ms)
         return taken
+
+    def reserve(self, token: str, queueing_key: str | None, ttl_ms: int, line: Lock | None,
+                *, publish_ms: int = 0, now: bool = False) -> Reservation:
+        """The locks of a message published after them, sent now (:class:`Reservation`)."""
+        return Reservation(self, token, queueing_key, ttl_ms, line, publish_ms, now)
 
     #: A job at a worker asks for its lock. KEYS: the prelude's; KEYS[8] (single server,
     #: optional): the job's queueing lock, released when the lock is taken.
@@ -898,55 +903,125 @@ def run_on(client: Any, pool_args: tuple[str, ...], script: Any, keys: list[str]
 
 # -- a reply read where Celery first needs the message -----------------------------------
 
+class Reservation:
+    """One message's locks off the atomic path, taken before it is published: the
+    queueing lock sent at once, on the short ``publish_ms`` lease until :meth:`published`
+    (a caller dying in between leaves a lock that frees itself soon); the place in
+    ``line`` sent once the queueing lock is taken (:meth:`check`); both given up by
+    :meth:`undo` when the message is not published. The replies are read where Celery
+    first needs the message (:class:`GatedRouter`, :class:`GatedProducer`), so the round
+    trip overlaps its building; ``now``: read at once (eager mode: no router, no
+    producer)."""
+
+    __slots__ = ("_entered", "_line", "_scripts", "_sent", "key", "short", "token", "ttl_ms")
+
+    def __init__(self, scripts: Scripts, token: str, key: str | None, ttl_ms: int,
+                 line: Lock | None, publish_ms: int, now: bool) -> None:
+        self._scripts, self.token, self.key, self.ttl_ms, self._line = (
+            scripts, token, key, ttl_ms, line)
+        #: On the short lease until :meth:`published` (unless the full one is shorter).
+        self.short = key is not None and 0 < publish_ms < ttl_ms and not now
+        self._entered: Pending[int] | None = None
+        self._sent = None if key is None else scripts.send_acquire_queueing_lock(
+            key, token, publish_ms if self.short else ttl_ms, now=now, publishing=self.short)
+        if key is None:
+            self._enter()
+
+    def check(self) -> None:
+        """Read the queueing lock's reply, raise :class:`Duplicate` when it is held, then
+        send the place in line (once)."""
+        if self._sent is not None:
+            self._sent.result().check()
+        if self._entered is None:
+            self._enter()
+
+    def _enter(self) -> None:
+        line = self._line
+        if line is not None:
+            self._entered = self._scripts.send_enter_line(line.base, self.token, line.wait_ms)
+
+    def published(self) -> None:
+        """The broker has the message (with publisher confirms, has confirmed it): the
+        short lease becomes the full one, once. Sent, not waited for: its reply is read at
+        the thread's next command (a lock lost meanwhile is logged)."""
+        if not self.short or self.key is None:
+            return
+        self.short = False
+        try:
+            self._scripts.send_extend_queueing_lock(self.key, self.token, self.ttl_ms,
+                                                    defer=True)
+        except Exception:
+            # Published, so not an error for the caller; but the key may take a duplicate
+            # once the short lease ends.
+            logger.exception(
+                "celery-unique: %s was published, but its queueing lock %s could not be given"
+                " its full lease: it ends within unique_publish_lease", self.token, self.key)
+
+    def undo(self) -> list[Woken]:
+        """Give up the locks of a message that was not published: the parked jobs handed
+        the lock meanwhile, for the caller to publish (never raises)."""
+        self.short = False
+        sent, entered, line = self._sent, self._entered, self._line
+        if sent is not None and (sent.settle() or (False,))[0]:
+            self._scripts.release_quietly(self.key or "", self.token, "publish failed")
+        if entered is None or line is None:
+            return []
+        entered.settle()
+        try:
+            return self._scripts.release_lock(line.base, token=self.token, limit=line.limit,
+                                              lease_ms=line.lease_ms).woken
+        except Exception:
+            logger.exception("celery-unique: could not release %s for %s", line.base,
+                             self.token)
+            return []
+
+    def settle(self) -> None:
+        """Read every reply still unread; never raises."""
+        for pending in (self._sent, self._entered):
+            if pending is not None:
+                pending.settle()
+
+
 class GatedRouter:
     """The router Celery gets for one message: routing, the first thing Celery does with
-    a message, waits for the lock's reply and stops the message on a duplicate
-    (:class:`Duplicate`); ``then`` runs once the lock is taken."""
+    a message, first runs ``check`` (:meth:`Reservation.check`: waits for the locks' reply
+    and stops the message on a duplicate)."""
 
-    __slots__ = ("_pending", "_router", "_then")
+    __slots__ = ("_check", "_router")
 
-    def __init__(self, router: Any, pending: Pending[Taken],
-                 then: Callable[[], None] | None = None) -> None:
-        self._router, self._pending, self._then = router, pending, then
+    def __init__(self, router: Any, check: Callable[[], None]) -> None:
+        self._router, self._check = router, check
 
     def route(self, *args: Any, **kwargs: Any) -> Any:
-        self._pending.result().check()
-        if self._then is not None:
-            self._then()
+        self._check()
         return self._router.route(*args, **kwargs)
 
 
 class GatedProducer:
     """The producer Celery gets: its first use (``P.connection``, right after Celery has
-    built the message) waits for the lock's reply and stops the publish on a duplicate;
-    ``then`` runs once the lock is taken; ``published``, right after kombu's publish
-    returns (before Celery's ``after_task_publish``)."""
+    built the message) waits for the locks' reply and stops the publish on a duplicate
+    (:meth:`Reservation.check`); right after kombu's publish returns (before Celery's
+    ``after_task_publish``), the locks are told it was published."""
 
-    __slots__ = ("_pending", "_producer", "_published", "_then")
+    __slots__ = ("_checked", "_locks", "_producer")
 
-    def __init__(self, producer: Any, pending: Pending[Taken],
-                 then: Callable[[], None], published: Callable[[], None] | None = None
-                 ) -> None:
-        self._producer, self._then, self._published = producer, then, published
-        self._pending: Pending[Taken] | None = pending
+    def __init__(self, producer: Any, locks: Reservation) -> None:
+        self._producer, self._locks, self._checked = producer, locks, False
 
     def __getattr__(self, name: str) -> Any:
-        pending = self._pending
-        if pending is not None:
-            self._pending = None
-            pending.result().check()
-            self._then()
+        locks = self._locks
+        if not self._checked:
+            self._checked = True
+            locks.check()
         value = getattr(self._producer, name)
-        if name == "publish" and self._published is not None:
+        if name == "publish" and locks.short:
             return self._publish_then(value)
         return value
 
     def _publish_then(self, publish: Callable[..., Any]) -> Callable[..., Any]:
         def published(*args: Any, **kwargs: Any) -> Any:
             result = publish(*args, **kwargs)
-            done, self._published = self._published, None
-            if done is not None:
-                done()
+            self._locks.published()
             return result
         return published
 

@@ -191,8 +191,10 @@ class UniqueTask(Task):  # type: ignore[misc]
         """Take the queueing lock, then publish; see :class:`UniqueTask` for the options."""
         per_call = {name: options.pop(name) for name in CALL_OPTIONS & options.keys()}
 
+        parent = super().apply_async
+
         def publish(task_id: str | None, producer: Any = producer) -> AsyncResult:
-            return super(UniqueTask, self).apply_async(
+            return parent(
                 args, kwargs, task_id=task_id, producer=producer, link=link,
                 link_error=link_error, shadow=shadow, **options)
 
