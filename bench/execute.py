@@ -145,8 +145,35 @@ def read(run: str) -> list[tuple[int, float, float]]:
 WORKER = f"bench-{os.getpid()}@bench"
 
 
-def run_jobs(name: str, jobs: int, key: Any) -> list[tuple[int, float, float]]:
-    """Publish ``jobs`` jobs to a queue nobody consumes, then let the worker drain it."""
+#: The processes whose CPU time is counted per job: the worker's main process, its pool
+#: (the main process's children) and the Redis server. Linux only (``/proc``).
+WATCHED: dict[str, int] = {}
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU time used so far by each watched part (empty where ``/proc`` is not)."""
+    used: dict[str, float] = {}
+
+    def of(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+    try:
+        for part, pid in WATCHED.items():
+            used[part] = of(pid)
+            if part == "main":
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                used["pool"] = sum(of(int(child)) for child in children)
+    except OSError:
+        return {}
+    return used
+
+
+def run_jobs(name: str, jobs: int, key: Any, cpu: dict[str, list[float]] | None = None
+             ) -> list[tuple[int, float, float]]:
+    """Publish ``jobs`` jobs to a queue nobody consumes, then let the worker drain it;
+    ``cpu``: where the CPU time per job (µs) of each watched part is added."""
     task = app.tasks[name]
     run = f"{name}-{uuid.uuid4().hex[:8]}"
     queue = f"bench-{run}"
@@ -154,12 +181,17 @@ def run_jobs(name: str, jobs: int, key: Any) -> list[tuple[int, float, float]]:
         task.apply_async((run, key(n), n), queue=queue)
     # One worker: its reply ends the wait (without a limit, Celery waits out the timeout).
     control = {"destination": [WORKER], "reply": True, "limit": 1, "timeout": 10}
+    before = cpu_seconds()
     app.control.add_consumer(queue, **control)
     try:
         wait_for(lambda: len(read(run)) >= jobs, timeout=600, interval=0.05,
                  what=f"{jobs} {name} jobs")
     finally:
         app.control.cancel_consumer(queue, **control)
+    after = cpu_seconds()
+    if cpu is not None and before and after:
+        for part, used in after.items():
+            cpu.setdefault(part, []).append((used - before[part]) * 1e6 / jobs)
     return read(run)
 
 
@@ -198,14 +230,16 @@ def main() -> None:
                  timeout=60, what="the worker")
         if worker.poll() is not None:
             sys.exit(f"the worker exited:\n{log.read_text()}")
+        WATCHED.update(main=worker.pid, redis=server._process.pid)
         for name in VARIANTS:  # warm up every pool process, connection and script
             run_jobs(name, 200, lambda n: uuid.uuid4().hex)
         rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        cpu: dict[str, dict[str, list[float]]] = {name: {} for name in VARIANTS}
         for n in range(opts.rounds):
             # Each round starts with another variant, so that none keeps a favourable
             # place (this machine's speed drifts within a round, too).
             for name in VARIANTS[n % len(VARIANTS):] + VARIANTS[:n % len(VARIANTS)]:
-                rows = run_jobs(name, opts.jobs, lambda n: uuid.uuid4().hex)
+                rows = run_jobs(name, opts.jobs, lambda n: uuid.uuid4().hex, cpu[name])
                 rates[name].append(throughput(rows))
         ordered = run_jobs("celery-unique", opts.ordered, lambda n: "one")
     finally:
@@ -222,6 +256,17 @@ def main() -> None:
         paired = [r / p for r, p in zip(rates[name], rates["plain"])]
         print(f"{name:<18}{rate:>9.0f}/s  {statistics.median(paired):>5.2f}x plain"
               f"   (per round: {', '.join(f'{r:.2f}' for r in paired)})")
+    if cpu["plain"]:
+        # The machine has 2 CPUs for 4 pool processes, the main process and Redis: every
+        # part's CPU time counts against throughput, wherever it is spent.
+        print("CPU time per job (µs, median over rounds), by part: worker's main process,"
+              " pool processes, Redis server; added to plain Celery's")
+        for name in VARIANTS:
+            parts = {part: statistics.median(v) for part, v in cpu[name].items()}
+            plain_parts = {part: statistics.median(v) for part, v in cpu["plain"].items()}
+            print(f"{name:<18}" + "  ".join(
+                f"{part} {parts[part]:6.0f} ({parts[part] - plain_parts[part]:+5.0f})"
+                for part in ("main", "pool", "redis")))
     ratio = statistics.median(
         [r / p for r, p in zip(rates["celery-unique"], rates["plain"])])
     print(f"celery-unique throughput / plain Celery's: {ratio:.2f} (bar >= 0.95)")
