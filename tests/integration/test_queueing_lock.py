@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -209,6 +210,47 @@ def test_connections_killed_or_scripts_flushed_between_calls(redis_app: Celery) 
             t.delay(n)
         assert info.value.task_id == first.id
     assert broker(redis_app).llen(QUEUE(redis_app)) == 3
+
+
+@pytest.mark.parametrize("path", ["atomic", "separate"])
+def test_a_flushed_script_cache_costs_one_reload_per_script(
+    counting_server: RedisServer, path: str,
+) -> None:
+    """A server that forgot its scripts (SCRIPT FLUSH, a restart, a failover; Redis 7.4+
+    may evict scripts) costs each script one refused EVALSHA and a SCRIPT LOAD, nothing
+    else: the job is enqueued, run and released as before."""
+    app = Celery("tests", broker=f"{counting_server.url}/2", set_as_current=False)
+    app.conf.unique_redis_url = f"{counting_server.url}/{2 if path == 'atomic' else 1}"
+    app.conf.task_default_queue = f"test-{uuid.uuid4().hex}"
+    ran: list[int] = []
+
+    @app.task(base=UniqueTask, queueing_lock="q_{n}", lock="l_{n}", shared=False)
+    def t(n: int) -> None:
+        ran.append(n)
+
+    r = client(app)
+    for n in range(3):
+        t.delay(n)  # loaded: the enqueue's scripts
+        r.script_flush()
+        before = commandstats(r)
+        t.delay(n + 10)  # enqueued after a flush
+        t.apply((n + 20,))  # its lock taken and released after a flush, in this process
+        r.script_flush()
+        with pytest.raises(AlreadyQueued):
+            t.delay(n + 10)
+        after = commandstats(r)
+        # Redis < 7 counts SCRIPT's subcommands together: the flush above is one of them.
+        load = "cmdstat_script|load" if "cmdstat_script|load" in after else "cmdstat_script"
+        flushes = 1 if load == "cmdstat_script" else 0
+        diff = {k: after[k] - before.get(k, 0) for k in ("cmdstat_evalsha", load)}
+        # The enqueue (on the atomic path the push script; on the separate one the
+        # queueing lock, the place in line and the full lease), the lock's take and
+        # release, the duplicate's refusal.
+        scripts = (1 if path == "atomic" else 3) + 2 + 1
+        assert diff == {"cmdstat_evalsha": 2 * scripts, load: scripts + flushes}, diff
+    assert ran == [20, 21, 22]
+    assert broker(app).llen(QUEUE(app)) == 6
+    assert r.keys("celery_unique:l:*:holders") == []
 
 
 def test_uncontended_locked_job_costs_two_round_trips(counting_server: RedisServer) -> None:
