@@ -21,7 +21,10 @@ CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 #: (``CLUSTERDOWN``: the whole cluster, unless ``cluster-require-full-coverage no``; the
 #: slots' owner alone then), its retries exhausted.
 UNAVAILABLE_ERRORS = (*CONNECTION_ERRORS, redis.exceptions.ClusterDownError,
-                      redis.exceptions.ClusterError, redis.exceptions.SlotNotCoveredError)
+                      redis.exceptions.ClusterError, redis.exceptions.SlotNotCoveredError,
+                      # redis-py 7+: no node of the cluster answers.
+                      *(getattr(redis.exceptions, name) for name in
+                        ("RedisClusterUnreachableError",) if hasattr(redis.exceptions, name)))
 
 
 class ThreadConnections:

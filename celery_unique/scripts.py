@@ -21,8 +21,7 @@ from typing import Any, Generic, NamedTuple, TypeVar, cast
 import redis
 from redis.cluster import RedisCluster
 
-from .connections import (CONNECTION_ERRORS, UNAVAILABLE_ERRORS, ThreadConnections, keep,
-                          unkeep)
+from .connections import CONNECTION_ERRORS, UNAVAILABLE_ERRORS, ThreadConnections, keep, unkeep
 from .exceptions import LockStoreUnavailable
 from .keys import line_keys, lock_keys
 from .settings import safe_url

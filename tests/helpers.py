@@ -62,8 +62,10 @@ class Cluster:
                  *extra: str) -> None:
         from celery_unique.testing import RedisServer
 
+        # A replica that never synced refuses to take over: sync at once, not 5 s later.
         args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(node_timeout), *extra)
+                "--cluster-node-timeout", str(node_timeout), "--repl-diskless-sync-delay",
+                "0", *extra)
         self.masters = [RedisServer(*args) for _ in range(masters)]
         self.replicas = [RedisServer(*args) for _ in range(masters * replicas)]
         self.url = ""
@@ -93,6 +95,8 @@ class Cluster:
             node(server).execute_command("CLUSTER REPLICATE", node_id(master))
         wait_for(lambda: all(node(s).cluster("info")["cluster_state"] == "ok"
                              for s in self.servers), timeout=30, what="the cluster to be ok")
+        wait_for(lambda: all(node(s).info("replication").get("master_link_status") == "up"
+                             for s in self.replicas), timeout=30, what="the replicas to sync")
         self.url = f"{first.url}/0"
         #: Each node's id, by port (read while they all answer).
         self.ids = {s.port: node_id(s) for s in self.servers}
@@ -102,15 +106,20 @@ class Cluster:
         for server in self.servers:
             server.stop()
 
-    def find_keys(self, pattern: str = "*") -> list[bytes]:
-        """Every key of every master whose server is up."""
-        found: list[bytes] = []
-        for server in self.masters:
+    def live_masters(self) -> list[redis.Redis]:
+        """A client of each node that is up and a master now (a replica promoted too)."""
+        found = []
+        for server in self.servers:
             try:
-                found.extend(node(server).keys(pattern))
+                if node(server).info("replication")["role"] == "master":
+                    found.append(node(server))
             except redis.ConnectionError:
                 continue
         return found
+
+    def find_keys(self, pattern: str = "*") -> list[bytes]:
+        """Every key of every live master."""
+        return [key for master in self.live_masters() for key in master.keys(pattern)]
 
     def flushall(self) -> None:
         for server in self.masters:

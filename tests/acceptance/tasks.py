@@ -60,6 +60,7 @@ app = Celery("acceptance", broker=f"{SERVER}/2",
              backend=f"tests.acceptance.tasks:WatchingBackend+file://{RESULTS}")
 app.conf.update(
     unique_redis_url=os.environ.get("CELERY_UNIQUE_TEST_STORE_URL") or f"{SERVER}/{STORE_DB}",
+    unique_redis_cluster=bool(os.environ.get("CELERY_UNIQUE_TEST_STORE_CLUSTER")),
     task_publish_retry=False,
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
@@ -382,6 +383,18 @@ def through_outage(self: Any, run: str, n: int) -> int:
     coord.rpush(f"intervals:{run}", json.dumps([n, start, time.time(),
                                                 getattr(self.request, "lock_fence", None)]))
     return n
+
+
+@app.task(base=UniqueTask, lock="{resource}", lock_timeout=2, name="acceptance.failover_job",
+          bind=True)
+def failover_job(self: Any, run: str, resource: str, n: int, seconds: float) -> None:
+    """Records [resource, start, end, n, fence, lock lost, task id] (a store failover
+    mid-run)."""
+    start = time.time()
+    time.sleep(seconds)
+    coord.rpush(f"intervals:{run}", json.dumps(
+        [resource, start, time.time(), n, self.request.lock_fence, self.request.lock_lost,
+         self.request.id]))
 
 
 # -- the migration shims -------------------------------------------------------------
