@@ -41,6 +41,9 @@ DEFAULTS: dict[str, Any] = {
     # Where the lock cannot be written with the message (another broker, another store):
     # the queueing lock's lease until the broker has the message, then its full timeout.
     "unique_publish_lease": 10.0,
+    # Metrics through OpenTelemetry (celery-unique[metrics]): True (the global meter
+    # provider) or a MeterProvider; off by default, and then nothing is imported.
+    "unique_metrics": False,
 }
 
 
@@ -227,6 +230,12 @@ def check_settings(app: Celery) -> None:
         raise ConfigurationError(
             f"{where}: unique_redis_cluster must be True or False, got {cluster!r}",
             option="unique_redis_cluster", value=cluster, where=where,
+        )
+    metrics = setting(app, "unique_metrics")
+    if not isinstance(metrics, bool) and not callable(getattr(metrics, "get_meter", None)):
+        raise ConfigurationError(
+            f"{where}: unique_metrics must be True, False or an OpenTelemetry MeterProvider,"
+            f" got {metrics!r}", option="unique_metrics", value=metrics, where=where,
         )
     factory = setting(app, "unique_redis_client")
     if factory is not None and not callable(factory):

@@ -24,8 +24,8 @@ _ATTRIBUTE = "_celery_unique_state"
 class AppState:
     """celery-unique's state for one app."""
 
-    __slots__ = ("atomic", "eager_skipped", "held_keys", "settings", "stale", "store",
-                 "warned", "worker")
+    __slots__ = ("atomic", "eager_skipped", "held_keys", "metrics", "settings", "stale",
+                 "store", "warned", "worker")
 
     def __init__(self) -> None:
         #: The lock store (``celery_unique.store.Store``), once one was made.
@@ -46,6 +46,8 @@ class AppState:
         self.eager_skipped: dict[str, Exception] = {}
         #: Task names already warned about (a warning said once per task).
         self.warned: set[str] = set()
+        #: The app's metrics instruments (``celery_unique.metrics``), when they are on.
+        self.metrics: Any = None
 
     def remember_held(self, key: str) -> None:
         """Note that ``key`` was found held (bounded: the oldest is dropped)."""

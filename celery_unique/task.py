@@ -41,6 +41,7 @@ from .settings import (
     check_limit,
     check_settings,
     check_timeout,
+    setting,
 )
 from .state import app_state
 from .store import Store, store_of
@@ -121,6 +122,11 @@ class UniqueTask(Task):  # type: ignore[misc]
         # bind time: reading Celery's configuration costs more than the lock itself.
         cls._unique_defaults = Resolved.for_task(app, per_task)
         app_state(app).stale = True  # the settings may have changed: read them again
+        provider = setting(app, "unique_metrics")
+        if provider is not False:
+            from .metrics import enable  # only then: off, nothing of it is imported
+
+            enable(app, provider)
 
     @classmethod
     def _unique_compile(cls, options: Mapping[str, Any], option: str = "queueing_lock"

@@ -58,8 +58,10 @@ def cluster_worker(server: RedisServer, nodes: Cluster, name: str, queue: str) -
 
 
 @pytest.fixture
-def on_cluster(unique_redis_server: RedisServer) -> Iterator[tuple[Cluster, Any]]:
-    """A three-master cluster, and the tests' app using it."""
+def on_cluster(unique_redis_server: RedisServer, results: str
+               ) -> Iterator[tuple[Cluster, Any]]:
+    """A three-master cluster, and the tests' app using it (``results``: the session's
+    results folder is set before the tests' app is first imported, as every test needs)."""
     nodes = Cluster(masters=3).start()
     try:
         with using(nodes, unique_redis_server) as tasks:
@@ -101,7 +103,8 @@ def test_jobs_of_locks_on_every_node_run_in_creation_order_never_together(
     assert nodes.find_keys("*:holders") == [] and nodes.find_keys("*:parked") == []
 
 
-def test_a_failover_keeps_the_fence_order(unique_redis_server: RedisServer) -> None:
+def test_a_failover_keeps_the_fence_order(unique_redis_server: RedisServer, results: str
+                                          ) -> None:
     """A master SIGKILLed mid-run, a round of its writes not on its replica, which Redis
     Cluster promotes: what it cost is counted and printed (jobs lost, run twice,
     overlapping runs of one lock, locks left held); what must hold is that whenever two
