@@ -44,7 +44,9 @@ def ended(coord: redis.Redis, task_id: str, times: int) -> None:
 def test_started_mode_releases_when_the_job_starts(tasks: Any, store: Any, coord: Any) -> None:
     t = token()
     k = key("hold", f"hold_{t}")
-    first = tasks.hold.delay(t)
+    # A second's countdown: the duplicate below is sent while the job is surely queued (an
+    # idle worker may otherwise start it, and free its lock, before the second call).
+    first = tasks.hold.apply_async((t,), countdown=1)
     with pytest.raises(AlreadyQueued) as info:
         tasks.hold.delay(t)
     assert info.value.task_id == first.id and info.value.key == k
