@@ -34,29 +34,40 @@ TASK = "celery.task.name"
 TEMPLATE = "celery_unique.template"
 
 
+#: The counters: attribute -> (name, unit, description). Names follow OpenTelemetry's
+#: conventions (the reference's *Metrics* lists them with their attributes).
+COUNTERS: dict[str, tuple[str, str, str]] = {
+    "refused": ("celery_unique.queueing_lock.refused", "{job}",
+                "Enqueues refused because the queueing lock was held (by action)"),
+    "acquired": ("celery_unique.lock.acquired", "{job}",
+                 "Jobs that took their execution lock"),
+    "waited": ("celery_unique.lock.waited", "{job}",
+               "Jobs that found their lock held (by action: parked, retry, skipped)"),
+    "released": ("celery_unique.lock.released", "{job}",
+                 "Jobs that released their lock (by end state)"),
+    "lost": ("celery_unique.lock.lost", "{job}", "Running jobs whose lease was found lost"),
+    "store_errors": ("celery_unique.store.errors", "{error}",
+                     "Lock store outages a job went on through (on_store_error=allow)"),
+}
+
+
 class Instruments:
     """The meter ``celery_unique`` of one meter provider, and its instruments."""
+
+    refused: Any
+    acquired: Any
+    waited: Any
+    released: Any
+    lost: Any
+    store_errors: Any
 
     def __init__(self, provider: Any) -> None:
         from . import __version__
 
         meter = provider.get_meter("celery_unique", __version__)
-        count = meter.create_counter
-        self.refused = count(
-            "celery_unique.queueing_lock.refused", unit="{job}",
-            description="Enqueues refused because the queueing lock was held (by action)")
-        self.acquired = count("celery_unique.lock.acquired", unit="{job}",
-                              description="Jobs that took their execution lock")
-        self.waited = count(
-            "celery_unique.lock.waited", unit="{job}",
-            description="Jobs that found their lock held (by action: parked, retry, skipped)")
-        self.released = count("celery_unique.lock.released", unit="{job}",
-                              description="Jobs that released their lock (by end state)")
-        self.lost = count("celery_unique.lock.lost", unit="{job}",
-                          description="Running jobs whose lease was found lost")
-        self.store_errors = count(
-            "celery_unique.store.errors", unit="{error}",
-            description="Lock store outages a job went on through (on_store_error=allow)")
+        for attribute, (name, unit, description) in COUNTERS.items():
+            setattr(self, attribute, meter.create_counter(name, unit=unit,
+                                                          description=description))
         self.held = meter.create_histogram(
             "celery_unique.lock.held", unit="s",
             description="How long a job held its lock, from taking it to releasing it")
@@ -114,52 +125,58 @@ def _attributes(sender: Any, spec: str, **more: str) -> dict[str, str]:
     return {TASK: name, TEMPLATE: _template(getattr(sender, spec, None)), **more}
 
 
+def _refused(sender: Any = None, action: str = "", **_: Any) -> None:
+    m = instruments_of(sender)
+    if m is not None:
+        m.refused.add(1, _attributes(sender, "_unique_queueing",
+                                     **{"celery_unique.action": action}))
+
+
+def _acquired(sender: Any = None, task_id: str = "", **_: Any) -> None:
+    m = instruments_of(sender)
+    if m is not None:
+        m.since[task_id] = time.monotonic()
+        m.acquired.add(1, _attributes(sender, "_unique_lock"))
+
+
+def _waited(sender: Any = None, action: str = "", **_: Any) -> None:
+    m = instruments_of(sender)
+    if m is not None:
+        m.waited.add(1, _attributes(sender, "_unique_lock",
+                                    **{"celery_unique.action": action}))
+
+
+def _released(sender: Any = None, task_id: str = "", state: str = "", **_: Any) -> None:
+    m = instruments_of(sender)
+    if m is None:
+        return
+    attributes = _attributes(sender, "_unique_lock")
+    m.released.add(1, {**attributes, "celery.task.state": str(state)})
+    since = m.since.pop(task_id, None)
+    if since is not None:
+        m.held.record(time.monotonic() - since, attributes)
+
+
+def _lost(sender: Any = None, task_id: str = "", **_: Any) -> None:
+    m = instruments_of(sender)
+    if m is not None:
+        m.since.pop(task_id, None)
+        m.lost.add(1, _attributes(sender, "_unique_lock"))
+
+
+def _store_error(sender: Any = None, where: str = "", **_: Any) -> None:
+    m = instruments_of(sender)
+    if m is not None:
+        m.store_errors.add(1, {**_attributes(sender, "_unique_lock"),
+                               "celery_unique.where": where})
+
+
 def _connect() -> None:
-    def refused(sender: Any = None, action: str = "", **_: Any) -> None:
-        m = instruments_of(sender)
-        if m is not None:
-            m.refused.add(1, _attributes(sender, "_unique_queueing",
-                                         **{"celery_unique.action": action}))
-
-    def acquired(sender: Any = None, task_id: str = "", **_: Any) -> None:
-        m = instruments_of(sender)
-        if m is not None:
-            m.since[task_id] = time.monotonic()
-            m.acquired.add(1, _attributes(sender, "_unique_lock"))
-
-    def waited(sender: Any = None, action: str = "", **_: Any) -> None:
-        m = instruments_of(sender)
-        if m is not None:
-            m.waited.add(1, _attributes(sender, "_unique_lock",
-                                        **{"celery_unique.action": action}))
-
-    def released(sender: Any = None, task_id: str = "", state: str = "", **_: Any) -> None:
-        m = instruments_of(sender)
-        if m is None:
-            return
-        attributes = _attributes(sender, "_unique_lock")
-        m.released.add(1, {**attributes, "celery.task.state": str(state)})
-        since = m.since.pop(task_id, None)
-        if since is not None:
-            m.held.record(time.monotonic() - since, attributes)
-
-    def lost(sender: Any = None, task_id: str = "", **_: Any) -> None:
-        m = instruments_of(sender)
-        if m is not None:
-            m.since.pop(task_id, None)
-            m.lost.add(1, _attributes(sender, "_unique_lock"))
-
-    def store_error(sender: Any = None, where: str = "", **_: Any) -> None:
-        m = instruments_of(sender)
-        if m is not None:
-            m.store_errors.add(1, {**_attributes(sender, "_unique_lock"),
-                                   "celery_unique.where": where})
-
-    for signal, receiver in ((signals.duplicate_rejected, refused),
-                             (signals.lock_acquired, acquired),
-                             (signals.lock_waiting, waited),
-                             (signals.lock_released, released),
-                             (signals.lock_lost, lost),
-                             (signals.store_unavailable, store_error)):
+    for signal, receiver in ((signals.duplicate_rejected, _refused),
+                             (signals.lock_acquired, _acquired),
+                             (signals.lock_waiting, _waited),
+                             (signals.lock_released, _released),
+                             (signals.lock_lost, _lost),
+                             (signals.store_unavailable, _store_error)):
         signal.connect(receiver, weak=False)
         _receivers.append(receiver)
