@@ -104,20 +104,27 @@ class Push:
                 *, eager: bool, held: bool, task: Task, on_store_error: str) -> AsyncResult:
         """Publish through the path chosen for the app and store (``held``: the key was
         found held moments ago); a store outage as ``on_store_error`` says."""
+        metrics = app_state(app).metrics
         try:
             # A ``connection`` of the caller's own may be another server's: the safe path.
             if not (eager or options.get("connection")) and atomic(app, self.store):
-                return self.atomic(app, publish, options, peek=held, task=task)
-            return self.separate(app, publish, producer, options, eager=eager,
-                                 at_router=held or bool(options.get("connection")))
+                result = self.atomic(app, publish, options, peek=held, task=task)
+            else:
+                result = self.separate(app, publish, producer, options, eager=eager,
+                                       at_router=held or bool(options.get("connection")))
         except LockStoreUnavailable as exc:
-            if on_store_error != "allow":
+            allow = on_store_error == "allow"
+            metrics.store_error(task, "enqueue", "allowed" if allow else "raised")
+            if not allow:
                 raise
             # Chosen: published without its locks, and said.
             report_store_unavailable(task, "enqueue", self.task_id, exc)
             options["headers"] = {k: v for k, v in options["headers"].items() if k != HEADER}
             options.pop("router", None)
             return publish(self.task_id, producer)
+        if self.queueing_key:
+            metrics.queued(task)
+        return result
 
     def atomic(self, app: Celery, publish: Publish, options: dict[str, Any], *,
                peek: bool, task: Task) -> AsyncResult:
@@ -165,7 +172,7 @@ class Push:
                                    publish_ms=self.publish_ms, now=eager)
         woken: list[Woken] = []
         try:
-            if eager or self.queueing_key is None:
+            if eager:
                 locks.check()
                 result = publish(self.task_id)
             elif at_router:

@@ -33,7 +33,7 @@ from .scripts import Duplicate
 from .settings import Resolved
 from .state import app_state
 from .store import store_of
-from .wire import HEADER, JobHeader, wait_seconds
+from .wire import HEADER, JobHeader, now_ms, wait_seconds
 
 __all__ = ["Enqueue", "Job"]
 
@@ -86,17 +86,21 @@ class Enqueue:
             # answer: a retry is never dropped because another job took the lock meanwhile.
             Push(self.store, self.task_id, retried.queueing_key,
                  retried.lease_ms + int(1000 * wait)).take(check=False)
+            if retried.queueing_key:
+                self.state.metrics.queued(job.sender)
             return publish(self.task_id)
         if key is None and lock is None:
             return publish(self.task_id)
-        options["headers"] = {**headers, HEADER: header.to_header()}
         eager = bool(self.app.conf.task_always_eager)
-        push = Push(self.store, self.task_id, key, header.lease_ms + int(1000 * wait),
-                    # "order": the job's place in line is its creation order, taken now. A
-                    # job with a countdown or eta, or run eagerly in line in the caller,
-                    # takes its place when it starts.
-                    lock if lock is not None and lock.mode == "order" and not (
-                        wait or eager) else None, publish_ms=int(values.publish_lease * 1000))
+        # "order": the job's place in line is its creation order, taken now. A job with a
+        # countdown or eta, or run eagerly in line in the caller, takes its place when it
+        # starts.
+        line = lock if lock is not None and lock.mode == "order" and not (
+            wait or eager) else None
+        options["headers"] = {**headers, HEADER: header._replace(placed_ms=now_ms()).to_header()
+                              if line else header.to_header()}
+        push = Push(self.store, self.task_id, key, header.lease_ms + int(1000 * wait), line,
+                    publish_ms=int(values.publish_lease * 1000))
         held = key is not None and key in self.state.held_keys
         try:
             result = push.publish(self.app, publish, producer, options, eager=eager, held=held,
@@ -125,6 +129,7 @@ class Enqueue:
         unique_signals.duplicate_rejected.send(
             sender=task, key=key, task_id=holder, ttl=ttl, args=job.args, kwargs=job.kwargs,
             action=action)
+        self.state.metrics.refused(task, action)
         if action == "raised":
             raise job.refuse(
                 f"{task.name}: a job is already queued under {key} (task id {holder},"

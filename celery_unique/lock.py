@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Signature, Task
 from celery.exceptions import Ignore, Reject, Retry
 from celery.states import FAILURE, IGNORED, REJECTED, RETRY, REVOKED
 
@@ -28,7 +28,7 @@ from .scripts import Grant, LockReply
 from .settings import setting
 from .state import app_state
 from .store import Store, store_of
-from .wire import HEADER, JobHeader, Lock, RegistryEntry, run_id
+from .wire import HEADER, JobHeader, Lock, RegistryEntry, now_ms, run_id
 
 __all__ = ["JobRun", "finish", "release_lock", "release_unrun", "start", "started",
            "state_of"]
@@ -54,6 +54,8 @@ class JobRun:
     lock: Lock | None = None  #: the lock it holds, until released
     parked: bool = False  #: it will run again (parked, re-queued): its end releases nothing
     released: bool = False  #: its queueing lock was released
+    #: When it took its place in line or first asked (``JobHeader.placed_ms``); 0: not yet.
+    placed_ms: int = 0
 
 
 def started(request: Any) -> bool:
@@ -76,9 +78,11 @@ def start(task: Task, header: JobHeader | None, policy: str) -> None:
     if header.lock is not None:
         held = _take(task, run, header.lock, queueing_key, header.on_store_error or policy)
         run.released = bool(queueing_key and held)  # the lock's script released it
+        if run.released:
+            app_state(task.app).metrics.dequeued(task, "job started")
     elif queueing_key:
         run.released = True
-        store_of(task.app).release_quietly(queueing_key, request.id, "job started")
+        free_queueing(task.app, task, queueing_key, request.id, "job started")
 
 
 def state_of(exc: Exception) -> str:
@@ -113,7 +117,7 @@ def finish(task: Task, state: str, retval: Any) -> None:
         # the queue will run again.
         return
     run.released = True
-    store_of(task.app).release_quietly(header.queueing_key, request.id, f"job ended: {state}")
+    free_queueing(task.app, task, header.queueing_key, request.id, state)
 
 
 # -- taking the lock ---------------------------------------------------------------------
@@ -134,21 +138,26 @@ def _take(task: Task, run: JobRun, lock: Lock, queueing_key: str | None, policy:
             _ask(task, run, lock, queueing_key, again)
             return True
         except LockStoreUnavailable as exc:
+            metrics = app_state(task.app).metrics
             if request.is_eager:
+                metrics.store_error(task, "acquire", "raised")
                 raise  # the caller is here to be told
             if policy == "allow":
+                metrics.store_error(task, "acquire", "allowed")
                 unique_signals.report_store_unavailable(task, "run", request.id, exc)
                 return False
             try:
                 # It keeps its queueing lock, its place (for a lease) and its retries.
                 countdown = _requeue(task, run, lock, counter="s", backoff=_STORE_BACKOFF)
             except Exception:
+                metrics.store_error(task, "acquire", "waited")
                 logger.warning("celery-unique: %s[%s]: the lock store is unreachable (%s);"
                                " asking again in %.1f s", task.name, request.id, exc, delay)
                 time.sleep(delay)  # nowhere to publish it to: the job waits here
                 delay = min(delay * 2, _STORE_BACKOFF[1])
                 again = True  # the lock it finds held under its id may be its own
                 continue
+            metrics.store_error(task, "acquire", "requeued")
             logger.warning("celery-unique: %s[%s]: the lock store is unreachable (%s);"
                            " published again to run in %.1f s", task.name, request.id,
                            exc, countdown)
@@ -166,6 +175,10 @@ def _ask(task: Task, run: JobRun, lock: Lock, queueing_key: str | None, again: b
     request, store = task.request, store_of(task.app)
     delay = _EAGER_POLL[0]
     header = run.header
+    metrics = app_state(task.app).metrics
+    # Its place in line was taken at enqueue, or is taken now if it has to wait.
+    run.placed_ms = run.placed_ms or (header.placed_ms if header else 0)
+    asked_ms = now_ms()
     while True:
         reply = store.acquire_lock(
             lock.base, token=request.id, limit=lock.limit, lease_ms=lock.lease_ms,
@@ -173,8 +186,10 @@ def _ask(task: Task, run: JobRun, lock: Lock, queueing_key: str | None, again: b
             run="" if request.is_eager else run_id(request), queueing_key=queueing_key,
             queue=header.queue if header else None)
         if reply.grant is Grant.TAKEN:
-            _held(task, run, store, lock, reply.fence)
+            _held(task, run, store, lock, reply)
             return
+        run.placed_ms = run.placed_ms or asked_ms
+        metrics.handed(task, "line", len(reply.woken))
         publish_woken(task.app, store, reply.woken)
         if request.is_eager and lock.mode != "skip" and reply.grant is not Grant.RAN:
             # The caller is the worker: it waits for its turn (its place in line is kept
@@ -217,13 +232,14 @@ def _not_now(task: Task, run: JobRun, store: Store, lock: Lock, reply: LockReply
 
 def _park(task: Task, run: JobRun, store: Store, lock: Lock) -> None:
     request = task.request
-    message = capture(task.app, store, task, task.signature_from_request(
-        request, request.args, request.kwargs))
+    header = (run.header or JobHeader())._replace(lock=lock, placed_ms=run.placed_ms)
+    message = capture(task.app, store, task, _again(task, header))
     registry = registry_key(setting(task.app, "unique_key_prefix"))
     reply = store.park(lock.base, token=request.id, limit=lock.limit, lease_ms=lock.lease_ms,
                        message=message, queue=run.header.queue if run.header else None,
                        registry=registry)
     # Parked: from here on nothing may fail the job, which will run when woken.
+    app_state(task.app).metrics.handed(task, "line", len(reply.woken))
     if store.cluster:
         # The registry is in another slot: registered with a command of its own. Its
         # holder may die without releasing; a failure is logged, not raised: the next
@@ -236,17 +252,19 @@ def _park(task: Task, run: JobRun, store: Store, lock: Lock) -> None:
     publish_woken(task.app, store, reply.woken)
 
 
-def _held(task: Task, run: JobRun, store: Store, lock: Lock, fence: int) -> None:
+def _held(task: Task, run: JobRun, store: Store, lock: Lock, reply: LockReply) -> None:
     request = task.request
-    request.lock_fence = fence
+    request.lock_fence = reply.fence
     request.lock_lost = False
     run.lock = lock
     worker_runtime(task.app).renewer.add(request.id, store, lock, task, request)
+    app_state(task.app).metrics.acquired(task, request.id, run.placed_ms, reply.handed_ms)
     unique_signals.lock_acquired.send(sender=task, key=lock.base, task_id=request.id,
-                                      fence=fence)
+                                      fence=reply.fence)
 
 
 def _waiting(task: Task, lock: Lock, holder: str, action: str) -> None:
+    app_state(task.app).metrics.waited(task, action)
     unique_signals.lock_waiting.send(sender=task, key=lock.base, task_id=task.request.id,
                                      holder=holder, action=action)
 
@@ -269,20 +287,26 @@ def _requeue(task: Task, run: JobRun, lock: Lock, counter: str = "w",
              backoff: tuple[float, float] = _RETRY_COUNTDOWN) -> float:
     """Publish the job again with a countdown (``backoff``: first, most; doubling per
     attempt, counted in the header under ``counter``); returns the countdown."""
-    request = task.request
     header = run.header or JobHeader()
     attempt = header.attempt(counter)
     countdown = float(min(backoff[0] * 2 ** attempt, backoff[1]))
-    sig = task.signature_from_request(request, request.args, request.kwargs,
-                                      countdown=countdown)
-    headers = dict(sig.options.get("headers") or {})
-    again = header._replace(lock=lock, attempts={**header.attempts, counter: attempt + 1})
-    headers[HEADER] = {**(headers.get(HEADER) or {}), **again.to_header()}
-    sig.options["headers"] = headers
+    sig = _again(task, header._replace(
+        lock=lock, attempts={**header.attempts, counter: attempt + 1},
+        placed_ms=run.placed_ms), countdown=countdown)
     # Not Task.retry: waiting for a lock does not use up max_retries, and the job keeps
     # its queueing lock while it waits.
     Task.apply_async(task, sig.args, sig.kwargs, **sig.options)
     return countdown
+
+
+def _again(task: Task, header: JobHeader, **options: Any) -> Signature:
+    """The running job as a signature to publish again, its header now ``header``."""
+    request = task.request
+    sig = task.signature_from_request(request, request.args, request.kwargs, **options)
+    headers = dict(sig.options.get("headers") or {})
+    headers[HEADER] = {**(headers.get(HEADER) or {}), **header.to_header()}
+    sig.options["headers"] = headers
+    return sig
 
 
 # -- releasing ---------------------------------------------------------------------------
@@ -299,15 +323,19 @@ def release_lock(app: Celery, sender: Any, token: str, lock: Lock, state: str,
     """
     worker_runtime(app).renewer.remove(token)
     store = store_of(app)
+    metrics = app_state(app).metrics
     try:
         released = store.release_lock(lock.base, token=token, limit=lock.limit,
                                       lease_ms=lock.lease_ms, queue=queue, ran=ran,
                                       remember_ms=ran_window_ms(lock) if ran else 0)
     except Exception:
         logger.exception("celery-unique: could not release %s for %s", lock.base, token)
+        metrics.store_error(sender, "release", "logged")
         return
+    metrics.handed(sender, "release", len(released.woken))
     publish_woken(app, store, released.woken)
     if released.held:
+        metrics.released(sender, token, state)
         unique_signals.lock_released.send(sender=sender, key=lock.base, task_id=token,
                                           state=state)
 
@@ -318,9 +346,18 @@ def release_unrun(app: Celery, sender: Any, token: str, header: JobHeader, why: 
     header names: its lock or place in line, and its queueing lock unless ``queueing`` is
     false (it runs again)."""
     if queueing and header.queueing_key:
-        store_of(app).release_quietly(header.queueing_key, token, why)
+        free_queueing(app, sender, header.queueing_key, token, why)
     if header.lock is not None:
         release_lock(app, sender, token, header.lock, why, header.queue)
+
+
+def free_queueing(app: Celery, sender: Any, key: str, token: str, why: str) -> None:
+    """Release the queueing lock ``key`` if ``token`` holds it; a failure is logged."""
+    released = store_of(app).release_quietly(key, token, why)
+    if released:
+        app_state(app).metrics.dequeued(sender, why)
+    elif released is None:
+        app_state(app).metrics.store_error(sender, "release", "logged")
 
 
 def ran_window_ms(lock: Lock) -> int:

@@ -88,6 +88,7 @@ class Renewer:
             kept = store.extend(lock.base, token=token, lease_ms=lock.lease_ms)
         except Exception:
             logger.exception("celery-unique: could not renew %s for %s", lock.base, token)
+            app_state(task.app).metrics.store_error(task, "renew", "logged")
             kept = True  # try again; the lease tells whether it was lost meanwhile
         with self._cond:
             if token not in self._jobs:
@@ -99,6 +100,7 @@ class Renewer:
         request.lock_lost = True
         logger.error("celery-unique: %s[%s] lost its lock %s: its lease ran out, another"
                      " job may hold it now", task.name, token, lock.base)
+        app_state(task.app).metrics.lost(task, token)
         unique_signals.lock_lost.send(sender=task, key=lock.base, task_id=token)
 
 
@@ -177,9 +179,12 @@ def sweep(app: Celery) -> int:
     registry = registry_key(setting(app, "unique_key_prefix"))
     now = time.time() * 1000
     woken = 0
+    metrics = app_state(app).metrics
     for member, entry in store.due_locks(registry, now):
         swept = store.sweep_lock(entry.base, limit=entry.limit, lease_ms=entry.lease_ms)
         woken += len(swept.woken)
+        metrics.swept(swept.expired, swept.dropped)
+        metrics.handed(None, "sweep", len(swept.woken))
         publish_woken(app, store, swept.woken)
         store.reschedule(registry, member,
                          None if swept.next_ms < 0 else now + max(swept.next_ms, 50))
@@ -240,6 +245,7 @@ def _start_sweeping(consumer: Any) -> None:
             arrivals.renew(store_of(app))
         except Exception:
             # Said once per outage, not four times a second: the sweep goes on by itself.
+            app_state(app).metrics.store_error(None, "sweep", "logged")
             if not failing:
                 logger.exception("celery-unique: sweeping the locks failed; trying again"
                                  " every %s s", SWEEP_INTERVAL)

@@ -97,6 +97,9 @@ class LockReply(NamedTuple):
     holder: str  #: a holder's token (else ``""``)
     place: int  #: the job's place in line (0 first), or -1
     woken: list[Woken]
+    #: :attr:`Grant.TAKEN`: ms since a release or the sweep handed the job the lock (the
+    #: store's clock); -1 when it took it itself.
+    handed_ms: int = -1
 
 
 class Released(NamedTuple):
@@ -110,6 +113,8 @@ class Swept(NamedTuple):
     """The reply of :meth:`Store.sweep_lock`."""
 
     next_ms: int  #: ms until the lock needs looking at again; -1: never (nothing parked)
+    expired: int  #: holders' leases found run out
+    dropped: int  #: places in line given up (their job never reached a worker in time)
     woken: list[Woken]
 
 
@@ -124,7 +129,7 @@ def _woken(flat: list[Any]) -> list[Woken]:
 def _lock_reply(reply: list[Any]) -> LockReply:
     grant = Grant(int(reply[0]))
     if grant is Grant.TAKEN:
-        return LockReply(grant, int(reply[1]), "", -1, [])
+        return LockReply(grant, int(reply[1]), "", -1, [], int(reply[2]))
     place = -1 if reply[2] is None else int(reply[2])  # no place (never from our scripts)
     return LockReply(grant, 0, text(reply[1]), place, _woken(reply[3:]))
 
@@ -190,11 +195,16 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 -- Holders whose lease ran out (a killed worker) are gone; one handed the lock that never
 -- started (its new message was lost) goes back to the front of the line.
 local function expire()
-  for _, t in ipairs(redis.call('ZRANGEBYSCORE', KH, '-inf', now)) do
+  local gone = redis.call('ZRANGEBYSCORE', KH, '-inf', now)
+  for _, t in ipairs(gone) do
     redis.call('ZREM', KH, t)
     if redis.call('HEXISTS', KP, t) == 1 then redis.call('ZADD', KW, 0, t) end
   end
+  return #gone
 end
+
+-- Places given up by front() in this script (counted for the sweep's reply).
+local dropped = 0
 
 -- The first n entries of the line, without the ones that never reached a worker in time.
 local function front(n)
@@ -207,6 +217,7 @@ local function front(n)
         redis.call('ZREM', KW, t)
         redis.call('ZREM', KE, t)
         redis.call('HDEL', KP, t)
+        dropped = dropped + 1
         clean = false
       end
     end
@@ -428,13 +439,15 @@ class Scripts:
         """Delete the queueing lock ``key`` if ``token`` holds it."""
         return bool(self._run(self._release_queueing, [key, publishing_key(key)], [token]))
 
-    def release_quietly(self, key: str, token: str, why: str) -> None:
-        """:meth:`release`, logging instead of raising: for paths that must not fail a job."""
+    def release_quietly(self, key: str, token: str, why: str) -> bool | None:
+        """:meth:`release`, logging instead of raising: for paths that must not fail a job.
+        Returns whether ``token`` held it; None when the store could not be reached."""
         try:
-            self.release(key, token)
+            return self.release(key, token)
         except Exception:
             logger.exception("celery-unique: could not release %s (%s) for %s", key, why,
                              token)
+            return None
 
     #: The atomic enqueue (a Redis broker whose server and database hold the locks): the
     #: message is pushed where kombu would push it, with its locks, or not at all.
@@ -514,7 +527,8 @@ class Scripts:
     #: a job that asked keeps its place a lease ahead while it asks), '1' when this process
     #: asks again after losing the reply to its own ask, and the run's "token:retries" (''
     #: in eager mode).
-    #: Returns {1, fence} when taken (or already handed to this job); {2, token, -1} when
+    #: Returns {1, fence, ms since a release or sweep handed it the lock, or -1 when it took
+    #: it itself} when taken (or already handed to this job); {2, token, -1} when
     #: another copy of this job holds it (see below); {3, token, -1} when this run of the job
     #: has ended already (a late copy: it is dropped); else {0, a holder's token, place in
     #: line or -1, woken...}; woken: {token, message} pairs of parked jobs handed the lock,
@@ -522,28 +536,33 @@ class Scripts:
     ACQUIRE_LOCK = LOCK_PRELUDE + """
     local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
     expire()
-    local function grant()
+    local function grant(handed)
       redis.call('ZREM', KW, token)
       redis.call('ZREM', KE, token)
       redis.call('HDEL', KP, token)
       redis.call('ZADD', KH, now + lease, token)
       if KEYS[8] and redis.call('GET', KEYS[8]) == token then redis.call('DEL', KEYS[8]) end
-      return {1, next_seq()}
+      return {1, next_seq(), handed}
     end
     if ARGV[7] and ARGV[7] ~= '' then
       local until_ms = redis.call('ZSCORE', KR, ARGV[7])
       if until_ms and tonumber(until_ms) > now then return {3, token, -1} end
     end
-    if redis.call('ZSCORE', KH, token) then
-      -- Its own when it was handed the lock (its parked message is still here) or when this
-      -- process took it before losing the reply. Else a copy of the job holds it (the broker
-      -- gave a message back, a job was published again during an outage): never beside it.
-      if ARGV[6] == '1' or redis.call('HEXISTS', KP, token) == 1 then return grant() end
+    local deadline = redis.call('ZSCORE', KH, token)
+    if deadline then
+      -- Its own when it was handed the lock (its parked message is still here: handed a
+      -- lease ago, less what is left) or when this process took it before losing the
+      -- reply. Else a copy of the job holds it (the broker gave a message back, a job was
+      -- published again during an outage): never beside it.
+      if redis.call('HEXISTS', KP, token) == 1 then
+        return grant(now - (tonumber(deadline) - lease))
+      end
+      if ARGV[6] == '1' then return grant(-1) end
       return {2, token, -1}
     end
     local free = limit - redis.call('ZCARD', KH)
     if ARGV[4] ~= 'order' then
-      if free > 0 then return grant() end
+      if free > 0 then return grant(-1) end
       return {0, holder(), -1}
     end
     if not redis.call('ZSCORE', KW, token) then
@@ -556,7 +575,7 @@ class Scripts:
     redis.call('ZADD', KE, now + lease, token)
     if free > 0 then
       for _, t in ipairs(front(free)) do
-        if t == token then return grant() end
+        if t == token then return grant(-1) end
       end
     end
     arrived({token}, lease)
@@ -695,11 +714,12 @@ class Scripts:
 
     #: Periodic, from the workers that use locks: hands places freed by expired leases to
     #: parked jobs. KEYS: the prelude's. ARGV: limit, lease ms. Returns {ms until the next
-    #: check or -1 when none is needed, woken...}.
+    #: check or -1 when none is needed, leases found run out, places given up, woken...}.
     SWEEP_LOCK = LOCK_PRELUDE + """
     local limit, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
-    expire()
-    local out = wake(limit, lease, {-1})
+    local out = {-1, expire(), 0}
+    wake(limit, lease, out)
+    out[3] = dropped
     if redis.call('HLEN', KP) > 0 then
       local next_at = nil
       local first = redis.call('ZRANGE', KH, 0, 0, 'WITHSCORES')
@@ -716,7 +736,7 @@ class Scripts:
     def sweep_lock(self, base: str, *, limit: int, lease_ms: int) -> Swept:
         """Hand places freed by expired leases to parked jobs (:data:`SWEEP_LOCK`)."""
         reply = self._run(self._sweep, lock_keys(base), [limit, lease_ms])
-        return Swept(int(reply[0]), _woken(reply[1:]))
+        return Swept(int(reply[0]), int(reply[1]), int(reply[2]), _woken(reply[3:]))
 
     #: The operator's listing (``celery_unique.admin``): a page of locks of both kinds read in
     #: one command. KEYS: per queueing lock its key and its publishing mark; per execution
@@ -964,7 +984,8 @@ class Reservation:
     """One message's locks off the atomic path, taken before it is published: the
     queueing lock sent at once, on the short ``publish_ms`` lease until :meth:`published`
     (a caller dying in between leaves a lock that frees itself soon); the place in
-    ``line`` sent once the queueing lock is taken (:meth:`check`); both given up by
+    ``line`` sent once the queueing lock is taken (:meth:`check`), or at once when the job
+    has no queueing lock (and then read by :meth:`check`); both given up by
     :meth:`undo` when the message is not published. The replies are read where Celery
     first needs the message (:class:`GatedRouter`, :class:`GatedProducer`), so the round
     trip overlaps its building; ``now``: read at once (eager mode: no router, no
@@ -991,6 +1012,10 @@ class Reservation:
             self._sent.result().check()
         if self._entered is None:
             self._enter()
+        elif self.key is None:
+            # A place in line is this job's only lock: it is taken before the message
+            # goes (a store outage raises here, as for a queueing lock).
+            self._entered.result()
 
     def _enter(self) -> None:
         line = self._line

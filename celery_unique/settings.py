@@ -42,7 +42,9 @@ DEFAULTS: dict[str, Any] = {
     # the queueing lock's lease until the broker has the message, then its full timeout.
     "unique_publish_lease": 10.0,
     # Metrics through OpenTelemetry (celery-unique[metrics]): True (the global meter
-    # provider) or a MeterProvider; off by default, and then nothing is imported.
+    # provider), a MeterProvider, or a callable making one (called once in each process:
+    # a prefork worker's pool processes each make their own); off by default, and then
+    # nothing is imported.
     "unique_metrics": False,
 }
 
@@ -232,10 +234,12 @@ def check_settings(app: Celery) -> None:
             option="unique_redis_cluster", value=cluster, where=where,
         )
     metrics = setting(app, "unique_metrics")
-    if not isinstance(metrics, bool) and not callable(getattr(metrics, "get_meter", None)):
+    if not isinstance(metrics, bool) and not callable(metrics) and not callable(
+            getattr(metrics, "get_meter", None)):
         raise ConfigurationError(
-            f"{where}: unique_metrics must be True, False or an OpenTelemetry MeterProvider,"
-            f" got {metrics!r}", option="unique_metrics", value=metrics, where=where,
+            f"{where}: unique_metrics must be True, False, an OpenTelemetry MeterProvider"
+            f" or a callable returning one, got {metrics!r}",
+            option="unique_metrics", value=metrics, where=where,
         )
     factory = setting(app, "unique_redis_client")
     if factory is not None and not callable(factory):

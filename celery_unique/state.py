@@ -13,12 +13,60 @@ from typing import Any
 
 from celery import Celery
 
-__all__ = ["AppState", "app_state", "every_app"]
+__all__ = ["AppState", "Recorder", "app_state", "every_app"]
 
 #: Keys recently found held are remembered up to this many (the oldest dropped).
 HELD_KEYS_MAX = 1024
 
 _ATTRIBUTE = "_celery_unique_state"
+
+
+class Recorder:
+    """Where the locks' events are recorded: nowhere (this class), or, with
+    ``unique_metrics`` on, ``celery_unique.metrics.Metrics``. Each method is called where its
+    event happens, with what is at hand there; doing nothing costs one call.
+
+    ``sender``: the task, or for a message no task took, its name.
+    """
+
+    __slots__ = ()
+
+    def refused(self, sender: Any, action: str) -> None:
+        """An enqueue met a held queueing lock (``action``: raised, existing, skipped)."""
+
+    def queued(self, sender: Any) -> None:
+        """An enqueue took its queueing lock (its retry: took it again)."""
+
+    def dequeued(self, sender: Any, why: str) -> None:
+        """A job released its queueing lock (``why``: its state, or a sentence)."""
+
+    def acquired(self, sender: Any, token: str, placed_ms: int, handed_ms: int) -> None:
+        """A job took its lock: ``placed_ms``: when it took its place in line (or first
+        asked; wall clock, ms), ``handed_ms``: how long ago a release or a sweep handed it
+        the lock (-1: it took it itself)."""
+
+    def waited(self, sender: Any, action: str) -> None:
+        """A job found its lock held (``action``: parked, retry, skipped, waiting)."""
+
+    def handed(self, sender: Any, by: str, count: int) -> None:
+        """Parked jobs were handed the lock (``by``: release, sweep, line)."""
+
+    def released(self, sender: Any, token: str, why: str) -> None:
+        """A job that held its lock released it (``why``: its state, or a sentence)."""
+
+    def lost(self, sender: Any, token: str) -> None:
+        """A running job's lease was found lost."""
+
+    def store_error(self, sender: Any, where: str, action: str) -> None:
+        """The lock store could not be reached: ``where`` (enqueue, acquire, renew,
+        release, sweep), and what was done (allowed, raised, requeued, waited, logged)."""
+
+    def swept(self, expired: int, dropped: int) -> None:
+        """A sweep found ``expired`` leases run out and ``dropped`` places given up."""
+
+
+#: Records nothing (metrics off).
+NOWHERE = Recorder()
 
 
 class AppState:
@@ -46,8 +94,8 @@ class AppState:
         self.eager_skipped: dict[str, Exception] = {}
         #: Task names already warned about (a warning said once per task).
         self.warned: set[str] = set()
-        #: The app's metrics instruments (``celery_unique.metrics``), when they are on.
-        self.metrics: Any = None
+        #: Where the locks' events are recorded (``celery_unique.metrics``, when on).
+        self.metrics: Recorder = NOWHERE
 
     def remember_held(self, key: str) -> None:
         """Note that ``key`` was found held (bounded: the oldest is dropped)."""

@@ -51,8 +51,6 @@ class Store(Scripts):
         return cls(client_class.from_url(url, **(options or {})), url, options)
 
     @classmethod
-
-    @classmethod
     def from_client(cls, client: Any) -> Store:
         """A store over an existing client (fakeredis in unit tests), kept by its app."""
         return cls(client, "(given client)", pinned=True)

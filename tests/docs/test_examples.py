@@ -234,3 +234,37 @@ def test_migrate_singleton(example: Any, unique: UniqueLocks) -> None:
     assert ttl is not None and 59 < ttl <= 60
     mod.unlock_all()
     assert unique.locks() == []
+
+
+def test_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefork recipe: a provider per process, its series its own."""
+    import io
+    import os
+
+    from celery import Celery
+    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+    from celery_unique import UniqueTask
+    from celery_unique.testing import UniqueLocks
+
+    mod = __import__("metrics")
+    out = io.StringIO()
+    monkeypatch.setattr(mod, "exporter", lambda: ConsoleMetricExporter(out=out))
+    app = Celery("metered", set_as_current=False)
+    mod.turn_on(app)
+
+    @app.task(base=UniqueTask, lock="m", shared=False)
+    def job() -> None: ...
+
+    with UniqueLocks(app):
+        job.apply()
+    from celery_unique.state import app_state
+
+    made = app_state(app).metrics.instruments()  # this process's: made by provider()
+    assert made is app_state(app).metrics.instruments()  # once per process
+    made.provider.force_flush()
+    exported = json.loads(out.getvalue())["resource_metrics"][0]
+    assert exported["resource"]["attributes"]["service.instance.id"].endswith(
+        f"-{os.getpid()}")
+    names = [m["name"] for m in exported["scope_metrics"][0]["metrics"]]
+    assert "celery_unique.lock.acquired" in names

@@ -41,14 +41,50 @@ def test_every_lock_event_is_counted_with_the_task_and_its_template(app: Celery)
     report.apply(("b@example.com",))  # takes and releases its lock in this process
     found = points(reader)
     task = {"celery.task.name": report.name}
+    queueing = {**task, "celery_unique.template": "report_{email}"}
+    assert found["celery_unique.queueing_lock.taken"] == [(queueing, 1)]
     assert found["celery_unique.queueing_lock.refused"] == [
-        ({**task, "celery_unique.template": "report_{email}", "celery_unique.action": "raised"},
-         1)]
+        ({**queueing, "celery_unique.action": "raised"}, 1)]
     lock = {**task, "celery_unique.template": "mail_{email}"}
     assert found["celery_unique.lock.acquired"] == [(lock, 1)]
-    assert found["celery_unique.lock.released"] == [({**lock, "celery.task.state": "SUCCESS"},
-                                                     1)]
+    assert found["celery_unique.lock.released"] == [
+        ({**lock, "celery_unique.reason": "success"}, 1)]
     assert found["celery_unique.lock.held"] == [(lock, 1)]  # one recorded hold time
+    assert found["celery_unique.lock.wait"] == [(lock, 1)]  # it waited 0 s
+    assert "celery_unique.lock.handover" not in found  # it took its lock itself
+
+
+def test_a_factory_makes_a_provider_in_each_process_that_records(app: Celery) -> None:
+    """A callable is called once per process, at its first event: a prefork worker's pool
+    processes each make their own provider after the fork."""
+    made: list[InMemoryMetricReader] = []
+
+    def provider() -> MeterProvider:
+        made.append(InMemoryMetricReader())
+        return MeterProvider(metric_readers=[made[-1]])
+
+    app.conf.unique_metrics = provider
+
+    @app.task(base=UniqueTask, lock="f", shared=False)
+    def job() -> None: ...
+
+    assert made == []  # nothing made until something is recorded
+    job.apply()
+    job.apply()
+    assert len(made) == 1
+    assert points(made[0])["celery_unique.lock.acquired"][0][1] == 2
+
+
+@pytest.mark.parametrize(("why", "reason"), [
+    ("SUCCESS", "success"), ("job ended: FAILURE", "failure"), ("RETRY", "retry"),
+    ("revoked or expired", "revoked"), ("worker lost", "killed"),
+    ("hard time limit", "time_limit"), ("message dropped: KeyError", "dropped"),
+    ("job started", "started"),
+])
+def test_releases_are_counted_under_a_closed_set_of_reasons(why: str, reason: str) -> None:
+    from celery_unique.metrics import reason as reason_of
+
+    assert reason_of(why) == reason
 
 
 def test_a_skipped_job_is_counted_as_it_waited(app: Celery) -> None:
