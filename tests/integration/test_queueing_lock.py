@@ -135,6 +135,31 @@ def test_unreachable_lock_store_names_the_url(redis_app: Celery) -> None:
     assert broker(redis_app).llen(QUEUE(redis_app)) == 0
 
 
+@pytest.mark.parametrize("lock_only", [True, False])
+def test_a_store_lost_between_enqueues_raises_and_publishes_nothing(
+    redis_app: Celery, lock_only: bool
+) -> None:
+    """The store dies under a kept connection (the separate path: its own server). The
+    next enqueue raises, and publishes nothing; a job whose only lock is its place in line
+    too (it was published without its place, its error only logged)."""
+    store = RedisServer().start()
+    try:
+        redis_app.conf.unique_redis_url = f"{store.url}/0"
+        options: dict[str, Any] = {"lock": "line"} if lock_only else {"queueing_lock": "k_{n}"}
+
+        @redis_app.task(base=UniqueTask, shared=False, **options)
+        def t(n: int) -> None: ...
+
+        t.delay(1)  # connected
+        assert broker(redis_app).llen(QUEUE(redis_app)) == 1
+        store.kill()
+        with pytest.raises(LockStoreUnavailable):
+            t.delay(2)
+        assert broker(redis_app).llen(QUEUE(redis_app)) == 1
+    finally:
+        store.stop()
+
+
 def test_default_url_follows_a_redis_broker(unique_redis_server: Any) -> None:
     app = Celery("tests", broker=f"{unique_redis_server.url}/3", set_as_current=False)
     assert get_store(app).url == f"{unique_redis_server.url}/3"
