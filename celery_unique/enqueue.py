@@ -33,7 +33,7 @@ from .scripts import Duplicate
 from .settings import Resolved
 from .state import app_state
 from .store import store_of
-from .wire import HEADER, JobHeader, now_ms, wait_seconds
+from .wire import HEADER, JobHeader, now_ms, set_placed, wait_seconds
 
 __all__ = ["Enqueue", "Job"]
 
@@ -97,8 +97,10 @@ class Enqueue:
         # starts.
         line = lock if lock is not None and lock.mode == "order" and not (
             wait or eager) else None
-        options["headers"] = {**headers, HEADER: header._replace(placed_ms=now_ms()).to_header()
-                              if line else header.to_header()}
+        value = header.to_header()
+        if line is not None:
+            set_placed(value, now_ms())  # when it took its place: the wait is measured
+        options["headers"] = {**headers, HEADER: value}
         push = Push(self.store, self.task_id, key, header.lease_ms + int(1000 * wait), line,
                     publish_ms=int(values.publish_lease * 1000))
         held = key is not None and key in self.state.held_keys

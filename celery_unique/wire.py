@@ -117,6 +117,11 @@ def set_queue(value: dict[str, Any], queue: str) -> None:
     value["k"] = queue
 
 
+def set_placed(value: dict[str, Any], at_ms: int) -> None:
+    """Write when the job took its place in line (``"p"``) into a header value."""
+    value["p"] = at_ms
+
+
 def now_ms() -> int:
     """The wall clock in ms, as :attr:`JobHeader.placed_ms` takes it."""
     return int(time.time() * 1000)
