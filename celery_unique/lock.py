@@ -334,6 +334,8 @@ def release_lock(app: Celery, sender: Any, token: str, lock: Lock, state: str,
         return
     metrics.handed(sender, "release", len(released.woken))
     publish_woken(app, store, released.woken)
+    if released.expired:  # its lease ran out first (a frozen job, a late end)
+        metrics.released(sender, token, "expired")
     if released.held:
         metrics.released(sender, token, state)
         unique_signals.lock_released.send(sender=sender, key=lock.base, task_id=token,

@@ -107,6 +107,7 @@ class Released(NamedTuple):
 
     held: bool  #: the job held the lock (else it only left the line, or nothing)
     woken: list[Woken]
+    expired: bool = False  #: it held the lock until its lease ran out, unrenewed
 
 
 class Swept(NamedTuple):
@@ -200,7 +201,7 @@ local function expire()
     redis.call('ZREM', KH, t)
     if redis.call('HEXISTS', KP, t) == 1 then redis.call('ZADD', KW, 0, t) end
   end
-  return #gone
+  return gone
 end
 
 -- Places given up by front() in this script (counted for the sweep's reply).
@@ -635,12 +636,15 @@ class Scripts:
 
     #: A job ends, or leaves the line (revoked, expired, its publish failed). KEYS: the
     #: prelude's. ARGV: token, limit, lease ms; for a run that ended on a worker, its
-    #: "token:retries" and how long (ms) to remember it ran. Returns {1 if it held the lock
-    #: else 0, woken...}.
+    #: "token:retries" and how long (ms) to remember it ran. Returns {1 if it held the lock,
+    #: 2 if it held it until its lease ran out (found now), else 0, woken...}.
     RELEASE_LOCK = LOCK_PRELUDE + """
     local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-    expire()
-    local held = redis.call('ZREM', KH, token)
+    local held = 0
+    for _, t in ipairs(expire()) do
+      if t == token then held = 2 end
+    end
+    if redis.call('ZREM', KH, token) == 1 then held = 1 end
     redis.call('ZREM', KW, token)
     redis.call('ZREM', KE, token)
     redis.call('HDEL', KP, token)
@@ -662,7 +666,7 @@ class Scripts:
         if ran:
             args += [ran, remember_ms]
         reply = self._run(self._release_lock, self._lock_keys(base, queue), args)
-        return Released(bool(reply[0]), _woken(reply[1:]))
+        return Released(reply[0] == 1, _woken(reply[1:]), reply[0] == 2)
 
     #: From the worker holding received messages not yet started. KEYS: the prelude's.
     #: ARGV: lease ms, tokens. Returns 0.
@@ -717,7 +721,7 @@ class Scripts:
     #: check or -1 when none is needed, leases found run out, places given up, woken...}.
     SWEEP_LOCK = LOCK_PRELUDE + """
     local limit, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
-    local out = {-1, expire(), 0}
+    local out = {-1, #expire(), 0}
     wake(limit, lease, out)
     out[3] = dropped
     if redis.call('HLEN', KP) > 0 then

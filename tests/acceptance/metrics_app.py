@@ -87,7 +87,9 @@ def ordered(run: str, n: int) -> int:
     return n
 
 
-@app.task(base=UniqueTask, lock="kill_{run}", lock_timeout=2, name="metered.killed",
+# A long lease: the main process may take seconds to see its pool process gone (four,
+# seen under load), and releases a lock the job still holds.
+@app.task(base=UniqueTask, lock="kill_{run}", lock_timeout=60, name="metered.killed",
           shared=False)
 def killed(run: str) -> None:
     # The pool process dies holding the lock, once its readings say it took it (an

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import redis
 
+from celery_unique.keys import lock_keys
+from celery_unique.scripts import Grant
 from celery_unique.store import Store
 from celery_unique.testing import RedisServer, wait_for
 from tests.helpers import flat
@@ -96,6 +98,31 @@ def test_lease_runs_out_and_the_old_holder_is_told(unique_redis_server: RedisSer
     assert lock.extend("a") == 0  # lost: renewal tells the job
     assert lock.release("a") == [0]  # and its late release leaves b's lock alone
     assert lock.extend("b") == 1
+
+
+def test_what_a_release_and_a_hand_over_tell_the_metrics(
+    unique_redis_server: RedisServer,
+) -> None:
+    """A job handed the lock learns, when it takes it, how long ago (the store's clock);
+    a release after the lease ran out says so (not "held", not nothing)."""
+    lock = Lock(make_store(unique_redis_server), lease=300)
+    store = lock.store
+    assert lock.acquire("a")[0] == 1
+    assert store.acquire_lock(lock.base, token="b", limit=1, lease_ms=300, mode="order",
+                              wait_ms=3_600_000).handed_ms == -1  # not taken: no hand-over
+    lock.park("b", "message-b")
+    assert lock.release("a")[:2] == [1, "b"]
+    taken = store.acquire_lock(lock.base, token="b", limit=1, lease_ms=300, mode="order",
+                               wait_ms=3_600_000)
+    assert taken.grant is Grant.TAKEN and 0 <= taken.handed_ms < 300
+    # b's lease runs out before its end releases it: a frozen job, a lost pool process
+    # seen late.
+    deadline = store.client.zscore(lock_keys(lock.base)[0], "b")
+    wait_for(lambda: (lambda t: t[0] * 1000 + t[1] // 1000)(store.client.time()) > deadline,
+             timeout=5, what="b's lease to run out")
+    released = store.release_lock(lock.base, token="b", limit=1, lease_ms=300)
+    assert (released.held, released.expired) == (False, True)
+    assert store.release_lock(lock.base, token="b", limit=1, lease_ms=300).expired is False
 
 
 def test_limit_two_is_a_semaphore_in_order(unique_redis_server: RedisServer) -> None:
