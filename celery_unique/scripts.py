@@ -536,11 +536,13 @@ class Scripts:
     #: for the caller to publish again (:class:`Grant`, :class:`LockReply`).
     ACQUIRE_LOCK = LOCK_PRELUDE + """
     local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-    expire()
+    local order = ARGV[4] == 'order'
     local function grant(handed)
-      redis.call('ZREM', KW, token)
-      redis.call('ZREM', KE, token)
-      redis.call('HDEL', KP, token)
+      if order then  -- only "order" jobs have a place, an arrival mark or a message here
+        redis.call('ZREM', KW, token)
+        redis.call('ZREM', KE, token)
+        redis.call('HDEL', KP, token)
+      end
       redis.call('ZADD', KH, now + lease, token)
       if KEYS[8] and redis.call('GET', KEYS[8]) == token then redis.call('DEL', KEYS[8]) end
       return {1, next_seq(), handed}
@@ -549,7 +551,10 @@ class Scripts:
       local until_ms = redis.call('ZSCORE', KR, ARGV[7])
       if until_ms and tonumber(until_ms) > now then return {3, token, -1} end
     end
-    local deadline = redis.call('ZSCORE', KH, token)
+    -- Holders, those whose lease ran out gone (none to look for when there is none).
+    local held = redis.call('ZCARD', KH)
+    if held > 0 then held = held - #expire() end
+    local deadline = held > 0 and redis.call('ZSCORE', KH, token)
     if deadline then
       -- Its own when it was handed the lock (its parked message is still here: handed a
       -- lease ago, less what is left) or when this process took it before losing the
@@ -561,11 +566,13 @@ class Scripts:
       if ARGV[6] == '1' then return grant(-1) end
       return {2, token, -1}
     end
-    local free = limit - redis.call('ZCARD', KH)
-    if ARGV[4] ~= 'order' then
+    local free = limit - held
+    if not order then
       if free > 0 then return grant(-1) end
       return {0, holder(), -1}
     end
+    -- The common case: its place (taken at enqueue) is the first, and a place is free.
+    if free > 0 and redis.call('ZRANGE', KW, 0, 0)[1] == token then return grant(-1) end
     if not redis.call('ZSCORE', KW, token) then
       redis.call('ZADD', KW, next_seq(), token)
     end
@@ -641,13 +648,17 @@ class Scripts:
     RELEASE_LOCK = LOCK_PRELUDE + """
     local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
     local held = 0
-    for _, t in ipairs(expire()) do
-      if t == token then held = 2 end
+    local deadline = redis.call('ZSCORE', KH, token)
+    if deadline then
+      redis.call('ZREM', KH, token)
+      held = tonumber(deadline) > now and 1 or 2  -- 2: its lease ran out first
     end
-    if redis.call('ZREM', KH, token) == 1 then held = 1 end
+    -- A holder may have a place too: a copy of it published under its id (the broker
+    -- gave a message back, an outage); it goes with it.
     redis.call('ZREM', KW, token)
     redis.call('ZREM', KE, token)
     redis.call('HDEL', KP, token)
+    if redis.call('ZCARD', KH) > 0 then expire() end
     if ARGV[4] and ARGV[4] ~= '' then
       local keep = tonumber(ARGV[5])
       redis.call('ZREMRANGEBYSCORE', KR, '-inf', now)
