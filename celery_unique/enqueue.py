@@ -84,9 +84,10 @@ class Enqueue:
             # A retry re-publishes the running job under its own id: it re-enters the
             # queue, so it takes its queueing lock again. It is published whatever the
             # answer: a retry is never dropped because another job took the lock meanwhile.
-            Push(self.store, self.task_id, retried.queueing_key,
-                 retried.lease_ms + int(1000 * wait)).take(check=False)
-            if retried.queueing_key:
+            # A throttle's lock ("expired") keeps the lease it was given at enqueue.
+            if retried.queueing_key and retried.until != "expired":
+                Push(self.store, self.task_id, retried.queueing_key,
+                     retried.lease_ms + int(1000 * wait)).take(check=False)
                 self.state.metrics.queued(job.sender)
             return publish(self.task_id)
         if key is None and lock is None:

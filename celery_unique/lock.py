@@ -109,8 +109,9 @@ def finish(task: Task, state: str, retval: Any) -> None:
         ran = "" if request.is_eager or again else run_id(request)
         release_lock(task.app, task, request.id, lock, state,
                      header.queue if header else None, ran)
-    if header is None or not header.queueing_key or run.released:
-        return
+    if header is None or not header.queueing_key or run.released or (
+            header.until == "expired"):
+        return  # nothing to release, or held for its whole timeout (a throttle)
     if state == RETRY or again:
         # The retry holds the queueing lock now (its message, or in eager mode its run in
         # the caller, carries the same header and releases it); a message sent back to
@@ -347,7 +348,7 @@ def release_unrun(app: Celery, sender: Any, token: str, header: JobHeader, why: 
     """A job that will not run now (revoked, discarded, its process lost) frees what its
     header names: its lock or place in line, and its queueing lock unless ``queueing`` is
     false (it runs again)."""
-    if queueing and header.queueing_key:
+    if queueing and header.queueing_key and header.until != "expired":
         free_queueing(app, sender, header.queueing_key, token, why)
     if header.lock is not None:
         release_lock(app, sender, token, header.lock, why, header.queue)

@@ -23,7 +23,7 @@ __all__ = ["DEFAULTS", "Resolved", "UniqueOptions", "redis_url", "setting"]
 ON_DUPLICATE = ("raise", "existing")
 ON_LOCKED = ("order", "retry", "skip")
 ON_STORE_ERROR = ("raise", "allow")
-UNTIL = ("started", "finished")
+UNTIL = ("started", "finished", "expired")
 
 #: Celery settings of celery-unique (``CELERY_UNIQUE_...`` under Django's namespace).
 DEFAULTS: dict[str, Any] = {

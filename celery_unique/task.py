@@ -71,7 +71,9 @@ class UniqueTask(Task):  # type: ignore[misc]
     on_duplicate: str | None = None
     #: The queueing lock's lease in seconds; a countdown or eta is added to it.
     queueing_lock_timeout: float | None = None
-    #: ``"started"`` (released when a worker starts the job) or ``"finished"``.
+    #: ``"started"`` (released when a worker starts the job), ``"finished"``, or
+    #: ``"expired"`` (never released: held for its whole timeout, whatever the job does: a
+    #: throttle, one job per key per ``queueing_lock_timeout``).
     queueing_lock_until: str | None = None
     #: The execution lock: a template or callable naming a shared resource, ``True``
     #: (this task with its arguments, honouring ``unique_on``) or ``None`` (off).

@@ -50,7 +50,7 @@ class JobHeader(NamedTuple):
 
     queueing_key: str | None = None  #: ``"q"``: the queueing lock's key
     lease_ms: int = 0  #: ``"t"``: the queueing lock's lease (ms)
-    until: str | None = None  #: ``"until"``: ``"started"`` or ``"finished"``
+    until: str | None = None  #: ``"until"``: ``"started"``, ``"finished"`` or ``"expired"``
     lock: Lock | None = None  #: ``"l"``, ``"o"``, ``"n"``, ``"lt"``, ``"lw"``
     on_store_error: str | None = None  #: ``"e"``: the worker's policy, when set per call
     #: ``"k"``: the job's queue as the broker hook pushed it (kombu's key)

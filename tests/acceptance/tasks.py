@@ -142,6 +142,15 @@ def retry_once(self: Any, token: str, countdown: float = 2.0) -> int:
     return int(self.request.retries)
 
 
+@app.task(base=UniqueTask, queueing_lock="throttle_{token}", queueing_lock_until="expired",
+          queueing_lock_timeout=4, name="acceptance.throttled", bind=True)
+def throttled(self: Any, token: str, retry: bool = False) -> int:
+    """A throttle: one job per token per 4 s, whatever becomes of it."""
+    if retry and not self.request.retries:
+        raise self.retry(countdown=2)
+    return int(self.request.retries)
+
+
 def _record_end(sender: Any = None, task_id: str = "", **_: Any) -> None:
     """Counts the ends of a job (a retry ends it too). Connected after celery-unique's own
     task_postrun handler, which runs first: at ``ended:<id>`` its release has been tried."""

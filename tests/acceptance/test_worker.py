@@ -124,6 +124,32 @@ def test_discarded_before_running_releases(tasks: Any, store: Any, how: str) -> 
     assert result.state == "REVOKED"
 
 
+def test_a_throttle_keeps_its_queueing_lock_for_its_whole_timeout(
+    tasks: Any, store: Any
+) -> None:
+    """``queueing_lock_until="expired"``: the job starts, retries and ends, and its lock is
+    still held, not released by any of it, nor given a new lease by the retry; a revoked
+    job keeps it too. Once the timeout has run out, the next job is taken."""
+    t = token()
+    k = key("throttled", f"throttle_{t}")
+    assert tasks.throttled.delay(t, True).get(timeout=20) == 1  # ran, retried, ended
+    # Two seconds of the retry's countdown have passed since the enqueue: with the lease
+    # the retry would have renewed (4 s from then, plus its countdown), more would be left.
+    assert 0 < store.pttl(k) <= 2000
+    with pytest.raises(AlreadyQueued):
+        tasks.throttled.delay(t)
+    wait_for(gone(store, k), timeout=5, what="the throttle's timeout to run out")
+    assert tasks.throttled.delay(t).get(timeout=20) == 0
+    # Revoked: kept. A job of a lock released on revoke, due half a second later, tells
+    # when the worker has discarded the throttled one (the same path, in ETA order).
+    throttled, released = token(), token()
+    tasks.throttled.apply_async((throttled,), countdown=1).revoke()
+    tasks.finished_job.apply_async((released,), countdown=1.5).revoke()
+    wait_for(gone(store, key("finished_job", f"job_{released}")), timeout=20,
+             what="the later revoked job's lock to be released")
+    assert store.exists(key("throttled", f"throttle_{throttled}"))
+
+
 def _known_here_only(app: Any) -> Any:
     """A unique task the test process knows and the worker does not (a deploy where the
     publisher runs the new code first)."""

@@ -268,3 +268,16 @@ def test_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
         f"-{os.getpid()}")
     names = [m["name"] for m in exported["scope_metrics"][0]["metrics"]]
     assert "celery_unique.lock.acquired" in names
+
+
+def test_throttle(example: Any, unique: UniqueLocks) -> None:
+    from celery_unique import AlreadyQueued
+
+    mod = example("throttle")
+    unique.eager()
+    mod.send_digest.delay(7)
+    assert services.done == [("digest sent", 7)]
+    with pytest.raises(AlreadyQueued):  # the job ran and ended: the hour is not over
+        mod.send_digest.delay(7)
+    [lock] = unique.locks()
+    assert lock.ttl is not None and 3599 < lock.ttl <= 3600

@@ -368,6 +368,29 @@ class TestEager:
         assert len(held) == (4 if outcome == "retry" else 1)
         assert keys(fake_redis) == []
 
+    @pytest.mark.parametrize("outcome", ["ok", "fail", "reject", "ignore"])
+    def test_a_throttle_is_released_by_no_end(
+        self, app: Celery, fake_redis: Any, outcome: str
+    ) -> None:
+        """``queueing_lock_until="expired"``: every end leaves the lock to its timeout."""
+
+        @app.task(base=UniqueTask, bind=True, queueing_lock="k", queueing_lock_until="expired",
+                  queueing_lock_timeout=60, shared=False)
+        def t(self: Any, outcome: str) -> str:
+            if outcome == "fail":
+                raise RuntimeError("boom")
+            if outcome == "reject":
+                raise Reject("no", requeue=False)
+            if outcome == "ignore":
+                raise Ignore()
+            return "done"
+
+        t.delay(outcome)
+        assert keys(fake_redis) == [qkey(t, "k")]
+        assert 59_000 < fake_redis.pttl(qkey(t, "k")) <= 60_000
+        with pytest.raises(AlreadyQueued):
+            t.delay(outcome)
+
     def test_propagating_failure_releases(self, app: Celery, fake_redis: Any) -> None:
         app.conf.task_eager_propagates = True
 

@@ -47,3 +47,7 @@ def sync_account(account: str) -> None:
 
 def remove_stale_sessions() -> None:
     _did("cleaned", None)
+
+
+def send_digest(user_id: int) -> None:
+    _did("digest sent", user_id)
