@@ -334,6 +334,19 @@ class TestOverlappedReply:
         assert len(state.held_keys) <= 1025 and "2999" in state.held_keys
 
 
+def end_as(task: Any, outcome: str) -> str:
+    """End the running job as ``outcome`` says: ok, fail, reject, ignore or retry."""
+    if outcome == "fail":
+        raise RuntimeError("boom")
+    if outcome == "reject":
+        raise Reject("no", requeue=False)
+    if outcome == "ignore":
+        raise Ignore()
+    if outcome == "retry":
+        raise task.retry(countdown=1, max_retries=3)
+    return "done"
+
+
 class TestEager:
     """Eager mode runs the real tracer in the caller: every end releases the lock."""
 
@@ -352,15 +365,7 @@ class TestEager:
                   shared=False)
         def t(self: Any, outcome: str) -> str:
             held.append(keys(fake_redis))
-            if outcome == "fail":
-                raise RuntimeError("boom")
-            if outcome == "reject":
-                raise Reject("no", requeue=False)
-            if outcome == "ignore":
-                raise Ignore()
-            if outcome == "retry":
-                raise self.retry(countdown=1, max_retries=3)
-            return "done"
+            return end_as(self, outcome)
 
         t.delay(outcome)
         # an eager retry runs again at once, in the caller: each run held what it should
@@ -377,13 +382,7 @@ class TestEager:
         @app.task(base=UniqueTask, bind=True, queueing_lock="k", queueing_lock_until="expired",
                   queueing_lock_timeout=60, shared=False)
         def t(self: Any, outcome: str) -> str:
-            if outcome == "fail":
-                raise RuntimeError("boom")
-            if outcome == "reject":
-                raise Reject("no", requeue=False)
-            if outcome == "ignore":
-                raise Ignore()
-            return "done"
+            return end_as(self, outcome)
 
         t.delay(outcome)
         assert keys(fake_redis) == [qkey(t, "k")]
