@@ -73,6 +73,24 @@ class Taken(NamedTuple):
             raise Duplicate(self.holder, self.pttl_ms)
 
 
+class Place(NamedTuple):
+    """A place in line taken before the job's message is published."""
+
+    ticket: int
+    deadline: str  #: the deadline its arrival mark was given (ms, as the server wrote it)
+
+
+def _place(reply: Any) -> Place:
+    return Place(int(reply[0]), text(reply[1]))
+
+
+class Extended(NamedTuple):
+    """What :meth:`Scripts.published` gave its full lease."""
+
+    queueing: bool  #: the queueing lock (False: gone, another job's, or not asked)
+    place: bool  #: the place in line (False: given up, marked by a worker, or not asked)
+
+
 class Woken(NamedTuple):
     """A parked job handed the lock, to publish again."""
 
@@ -308,8 +326,9 @@ class Scripts:
         register = client.register_script
         self._acquire_queueing = register(self.ACQUIRE_QUEUEING_LOCK)
         self._peek_queueing = register(self.PEEK_QUEUEING_LOCK)
-        self._extend_queueing = register(self.EXTEND_QUEUEING_LOCK)
-        self._extend_loaded = False  # see send_extend_queueing_lock
+        self._published = register(self.PUBLISHED)
+        #: Scripts whose reply may be left unread (``_send_deferred``): those read once.
+        self._deferrable: set[str] = set()
         self._release_queueing = register(self.RELEASE_QUEUEING_LOCK)
         self._push = register(self.PUSH_WITH_LOCKS)  # run on kombu's client, not ours
         self._enter_line = register(self.ENTER_LINE)
@@ -359,7 +378,7 @@ class Scripts:
                                    now: bool = False, publishing: bool = False
                                    ) -> Pending[Taken]:
         """:meth:`acquire_queueing_lock` sent now, its reply read later (``now``: read).
-        ``publishing``: marked as not published yet, until :meth:`extend_queueing_lock`."""
+        ``publishing``: marked as not published yet, until :meth:`published`."""
         args = [key, publishing_key(key)] if publishing else [key], [token, ttl_ms]
         if now:
             pending = Pending(self._call, self._acquire_queueing, *args, _taken(token, ttl_ms))
@@ -368,45 +387,75 @@ class Scripts:
         return send(self.conns, self._call, self._acquire_queueing, *args,
                     _taken(token, ttl_ms))
 
-    #: KEYS[1]: a queueing lock's key; KEYS[2]: its publishing mark, removed.
-    #: ARGV[1]: the owner's token; ARGV[2]: its new lease in ms. Returns 1 when the owner's
-    #: lease was set, 0 when the key is gone or another owner's (left alone).
-    EXTEND_QUEUEING_LOCK = """
-    if redis.call('GET', KEYS[1]) == ARGV[1] then
-      redis.call('DEL', KEYS[2])
-      return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    #: A message off the atomic path was published: the short leases of its locks become
+    #: full ones. KEYS: the queueing lock's key and its publishing mark (removed) when
+    #: ARGV[2] is set, then the lock's arrival key when ARGV[3] is set. ARGV: the owner's
+    #: token; the queueing lock's full lease (ms) or ''; the deadline its place in line was
+    #: given (ENTER_LINE's, as the server wrote it) or ''; the place's full wait (ms). Only
+    #: that exact deadline is replaced: a worker that received the job meanwhile keeps its
+    #: own mark. Returns {1 when the queueing lock's lease was set, 0 when it is gone or
+    #: another owner's; 1 when the place's was, else 0}.
+    PUBLISHED = """
+    local token, k, out = ARGV[1], 1, {0, 0}
+    if ARGV[2] ~= '' then
+      if redis.call('GET', KEYS[1]) == token then
+        redis.call('DEL', KEYS[2])
+        out[1] = redis.call('PEXPIRE', KEYS[1], ARGV[2])
+      end
+      k = 3
     end
-    return 0
+    if ARGV[3] ~= '' and redis.call('ZSCORE', KEYS[k], token) == ARGV[3] then
+      local clock = redis.call('TIME')
+      local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+      redis.call('ZADD', KEYS[k], now + tonumber(ARGV[4]), token)
+      out[2] = 1
+    end
+    return out
     """
 
-    def extend_queueing_lock(self, key: str, token: str, ttl_ms: int) -> bool:
-        """Give ``token``'s queueing lock ``key`` a lease of ``ttl_ms`` from now, if it
-        still holds it (:data:`EXTEND_QUEUEING_LOCK`)."""
-        return self.send_extend_queueing_lock(key, token, ttl_ms).result()
+    def published(self, token: str, key: str | None = None, ttl_ms: int = 0,
+                  place: tuple[str, Place] | None = None, wait_ms: int = 0) -> Extended:
+        """:data:`PUBLISHED`: give ``token``'s queueing lock ``key`` a lease of ``ttl_ms``
+        from now, and its place (``(lock base, the place ENTER_LINE gave)``) a wait of
+        ``wait_ms``, where each still holds its short one."""
+        return self.send_published(token, key, ttl_ms, place, wait_ms).result()
 
-    def send_extend_queueing_lock(self, key: str, token: str, ttl_ms: int, *,
-                                  defer: bool = False) -> Pending[bool]:
-        """:meth:`extend_queueing_lock` sent now. ``defer``: its reply is read at this
-        thread's next command, not waited for (it is then only logged when the lock was
-        lost: the caller has moved on)."""
-        def parse(reply: Any) -> bool:
-            if not reply and defer:
+    def send_published(self, token: str, key: str | None = None, ttl_ms: int = 0,
+                       place: tuple[str, Place] | None = None, wait_ms: int = 0, *,
+                       defer: bool = False) -> Pending[Extended]:
+        """:meth:`published` sent now. ``defer``: its reply is read at this thread's next
+        command, not waited for (a lock lost meanwhile is then only logged: the caller has
+        moved on)."""
+        keys: list[str] = [] if key is None else [key, publishing_key(key)]
+        if place is not None:
+            keys.append(line_keys(place[0])[2])
+
+        def parse(reply: Any) -> Extended:
+            extended = Extended(bool(reply[0]), bool(reply[1]))
+            if defer and key is not None and not extended.queueing:
                 logger.warning("celery-unique: the queueing lock %s of %s could not be"
                                " given its full lease (it ended, or another job holds it)",
                                key, token)
-            return bool(reply)
+            return extended
 
+        args = [token, "" if key is None else ttl_ms,
+                "" if place is None else place[1].deadline, wait_ms]
+        return self._send_deferred(self._published, keys, args, parse, defer)
+
+    def _send_deferred(self, script: Any, keys: list[str], args: list[Any],
+                       parse: Callable[[Any], T], defer: bool) -> Pending[T]:
+        """``script`` sent now; ``defer``: its reply read at this thread's next command."""
         # Read at once the first time, and after the server forgot its scripts: a script it
         # does not know would wait, unread, for the thread's next command to be run
         # (redis-py loads it on NOSCRIPT).
         conns = self.conns
-        defer = defer and self._extend_loaded and not (conns is not None and conns.scripts_lost)
-        pending = send(self.conns, self._call, self._extend_queueing,
-                       [key, publishing_key(key)], [token, ttl_ms], parse)
+        defer = defer and script.sha in self._deferrable and not (
+            conns is not None and conns.scripts_lost)
+        pending = send(conns, self._call, script, keys, args, parse)
         if not (defer and conns is not None and pending._conn is not None
                 and conns.defer(pending)):
             pending.result()
-            self._extend_loaded = True
+            self._deferrable.add(script.sha)
             if conns is not None:
                 conns.scripts_lost = False
         return pending
@@ -493,18 +542,22 @@ class Scripts:
     #: At enqueue, a job takes its place in its lock's line ("order"): creation order.
     #: KEYS: the lock's line, seq and arrival keys. ARGV: token, ms it may take to reach a
     #: worker (then its place is given up). Returns its ticket.
+    #: A job's place in line, taken before its message is published (off the atomic
+    #: path). KEYS: the lock's line, seq and arrival keys. ARGV: token, ms it may take to
+    #: reach a worker. Returns {its ticket, the deadline set for it, as the server wrote it}.
     ENTER_LINE = _ENTER_LINE_FUNCTION + """
-    return enter_line(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
+    local ticket = enter_line(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
+    return {ticket, redis.call('ZSCORE', KEYS[3], ARGV[1])}
     """
 
-    def enter_line(self, base: str, token: str, wait_ms: int) -> int:
-        """Take ``token``'s place in the line of ``base`` (:data:`ENTER_LINE`): its ticket."""
+    def enter_line(self, base: str, token: str, wait_ms: int) -> Place:
+        """Take ``token``'s place in the line of ``base`` (:data:`ENTER_LINE`)."""
         return self.send_enter_line(base, token, wait_ms).result()
 
-    def send_enter_line(self, base: str, token: str, wait_ms: int) -> Pending[int]:
+    def send_enter_line(self, base: str, token: str, wait_ms: int) -> Pending[Place]:
         """:meth:`enter_line` sent now, its reply read later."""
         return send(self.conns, self._call, self._enter_line, line_keys(base),
-                    [token, wait_ms], int)
+                    [token, wait_ms], _place)
 
     def take_locks(self, token: str, queueing_key: str | None, ttl_ms: int,
                    line: Lock | None) -> Taken:
@@ -1000,13 +1053,15 @@ class Reservation:
     queueing lock sent at once, on the short ``publish_ms`` lease until :meth:`published`
     (a caller dying in between leaves a lock that frees itself soon); the place in
     ``line`` sent once the queueing lock is taken (:meth:`check`), or at once when the job
-    has no queueing lock (and then read by :meth:`check`); both given up by
+    has no queueing lock (and then read by :meth:`check`), on the same short lease (a
+    place whose message never comes is given up as soon); both given up by
     :meth:`undo` when the message is not published. The replies are read where Celery
     first needs the message (:class:`GatedRouter`, :class:`GatedProducer`), so the round
     trip overlaps its building; ``now``: read at once (eager mode: no router, no
     producer)."""
 
-    __slots__ = ("_entered", "_line", "_scripts", "_sent", "key", "short", "token", "ttl_ms")
+    __slots__ = ("_entered", "_line", "_publish_ms", "_scripts", "_sent", "key",
+                 "place_short", "short", "token", "ttl_ms")
 
     def __init__(self, scripts: Scripts, token: str, key: str | None, ttl_ms: int,
                  line: Lock | None, publish_ms: int, now: bool) -> None:
@@ -1014,7 +1069,10 @@ class Reservation:
             scripts, token, key, ttl_ms, line)
         #: On the short lease until :meth:`published` (unless the full one is shorter).
         self.short = key is not None and 0 < publish_ms < ttl_ms and not now
-        self._entered: Pending[int] | None = None
+        #: The place in line likewise, until then (its full wait: its way to a worker).
+        self.place_short = line is not None and 0 < publish_ms < line.wait_ms and not now
+        self._publish_ms = publish_ms
+        self._entered: Pending[Place] | None = None
         self._sent = None if key is None else scripts.send_acquire_queueing_lock(
             key, token, publish_ms if self.short else ttl_ms, now=now, publishing=self.short)
         if key is None:
@@ -1035,24 +1093,40 @@ class Reservation:
     def _enter(self) -> None:
         line = self._line
         if line is not None:
-            self._entered = self._scripts.send_enter_line(line.base, self.token, line.wait_ms)
+            self._entered = self._scripts.send_enter_line(
+                line.base, self.token, self._publish_ms if self.place_short else line.wait_ms)
+
+    @property
+    def pending(self) -> bool:
+        """Whether a short lease waits for :meth:`published`."""
+        return self.short or self.place_short
 
     def published(self) -> None:
         """The broker has the message (with publisher confirms, has confirmed it): the
-        short lease becomes the full one, once. Sent, not waited for: its reply is read at
-        the thread's next command (a lock lost meanwhile is logged)."""
-        if not self.short or self.key is None:
+        short leases become full ones, once, in one command (two on a Cluster, whose keys
+        are in two slots). Sent, not waited for: its reply is read at the thread's next
+        command (a lock lost meanwhile is logged)."""
+        key = self.key if self.short else None
+        entered = self._entered.settle() if (
+            self.place_short and self._entered is not None) else None
+        self.short = self.place_short = False
+        line = self._line
+        place = None if line is None or entered is None else (line.base, entered)
+        if key is None and place is None:
             return
-        self.short = False
         try:
-            self._scripts.send_extend_queueing_lock(self.key, self.token, self.ttl_ms,
-                                                    defer=True)
+            scripts = self._scripts
+            if scripts.cluster and key is not None and place is not None:
+                scripts.published(self.token, key, self.ttl_ms)  # its own slot: read now
+                key = None
+            scripts.send_published(self.token, key, self.ttl_ms, place,
+                                   line.wait_ms if line is not None else 0, defer=True)
         except Exception:
             # Published, so not an error for the caller; but the key may take a duplicate
-            # once the short lease ends.
+            # once the short lease ends, and the place be given up.
             logger.exception(
-                "celery-unique: %s was published, but its queueing lock %s could not be given"
-                " its full lease: it ends within unique_publish_lease", self.token, self.key)
+                "celery-unique: %s was published, but its locks could not be given their full"
+                " lease: they end within unique_publish_lease", self.token)
 
     def undo(self) -> list[Woken]:
         """Give up the locks of a message that was not published: the parked jobs handed
@@ -1111,7 +1185,7 @@ class GatedProducer:
             self._checked = True
             locks.check()
         value = getattr(self._producer, name)
-        if name == "publish" and locks.short:
+        if name == "publish" and locks.pending:
             return self._publish_then(value)
         return value
 

@@ -41,9 +41,11 @@ def held_locks(store: redis.Redis, pattern: str) -> dict[str, int]:
     return held
 
 
-def publish_forever(app: Celery, prefix: str) -> None:
-    """A publisher for the kill runs: distinct keys, one after the other, until killed."""
-    @app.task(base=UniqueTask, queueing_lock="{n}", name="tests.killed", shared=False)
+def publish_forever(app: Celery, prefix: str, lock: str | None = None) -> None:
+    """A publisher for the kill runs: distinct keys, one after the other, until killed;
+    ``lock``: each job also takes its place in that lock's line ("order")."""
+    @app.task(base=UniqueTask, queueing_lock="{n}", lock=lock, name="tests.killed",
+              shared=False)
     def killed(n: str) -> None: ...
 
     i = 0

@@ -127,7 +127,7 @@ def test_a_lock_not_yet_published_is_listed_as_publishing(cli: Any) -> None:
         return list(lock["status"])
 
     assert status() == ["publishing"]
-    assert store.extend_queueing_lock(key, "job-p", 60_000)  # published: its full lease
+    assert store.published("job-p", key, 60_000).queueing  # published: its full lease
     assert status() == ["unknown"] and not cli.client.exists(f"{key}:publishing")
 
 

@@ -283,8 +283,8 @@ def test_a_deferred_reply_is_read_first_and_never_left_for_another(
     assert conns is not None
     key = f"celery_unique:q:{uuid.uuid4()}"
     store.acquire_queueing_lock(key, "t", 1000)  # the thread keeps a connection
-    store.extend_queueing_lock(key, "t", 2000)  # the first: read at once (loads the script)
-    store.send_extend_queueing_lock(key, "t", 60_000, defer=True)
+    store.published("t", key, 2000)  # the first: read at once (loads the script)
+    store.send_published("t", key, 60_000, defer=True)
     assert conns._local.slot.deferred is not None  # sent, not read
     assert 59_000 < store.client.pttl(key) <= 60_000  # the server ran it all the same
     # The next command sent ahead (an enqueue's) reads it first, then gets its own reply.
@@ -295,8 +295,8 @@ def test_a_deferred_reply_is_read_first_and_never_left_for_another(
 
     def enqueue_and_end() -> None:
         store.send_acquire_queueing_lock(key, "t", 1000).result()
-        store.extend_queueing_lock(key, "t", 2000)
-        store.send_extend_queueing_lock(key, "t", 5000, defer=True)
+        store.published("t", key, 2000)
+        store.send_published("t", key, 5000, defer=True)
         conn = conns._local.slot.deferred._conn
         conn_disconnect = conn.disconnect
 
@@ -329,12 +329,12 @@ def test_after_the_server_forgot_its_scripts_the_full_lease_is_not_left_unread(
     assert conns is not None
     key = f"celery_unique:q:{uuid.uuid4()}"
     store.send_acquire_queueing_lock(key, "t", 1000).result()
-    store.extend_queueing_lock(key, "t", 2000)  # loaded
+    store.published("t", key, 2000)  # loaded
     store.client.script_flush()
     store.send_acquire_queueing_lock(key, "t", 1000).result()  # NOSCRIPT, then run again
-    store.send_extend_queueing_lock(key, "t", 60_000, defer=True)
+    store.send_published("t", key, 60_000, defer=True)
     assert conns._local.slot.deferred is None  # read at once
     assert 59_000 < store.client.pttl(key) <= 60_000
-    store.send_extend_queueing_lock(key, "t", 70_000, defer=True)
+    store.send_published("t", key, 70_000, defer=True)
     assert conns._local.slot.deferred is not None  # loaded again: deferred again
     store.client.close()

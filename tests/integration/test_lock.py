@@ -125,6 +125,26 @@ def test_what_a_release_and_a_hand_over_tell_the_metrics(
     assert store.release_lock(lock.base, token="b", limit=1, lease_ms=300).expired is False
 
 
+def test_a_place_gets_its_full_wait_once_published_unless_a_worker_marked_it(
+    unique_redis_server: RedisServer,
+) -> None:
+    """Off the atomic path a place is taken on the publish lease; ``PUBLISHED`` gives it
+    its full wait, but only over the deadline ENTER_LINE wrote: a worker that received the
+    job first keeps its own (shorter) mark, which its sweep renews."""
+    lock = Lock(make_store(unique_redis_server))
+    store = lock.store
+    arrival = lock_keys(lock.base)[4]
+    first = store.enter_line(lock.base, "a", 1000)  # the publish lease
+    assert store.published("a", place=(lock.base, first), wait_ms=3_600_000).place
+    assert store.client.zscore(arrival, "a") > float(first.deadline) + 3_000_000
+    second = store.enter_line(lock.base, "b", 1000)
+    store.arrive(lock.base, lease_ms=30_000, tokens=["b"])  # received by a worker
+    marked = store.client.zscore(arrival, "b")
+    assert marked != float(second.deadline)
+    assert not store.published("b", place=(lock.base, second), wait_ms=3_600_000).place
+    assert store.client.zscore(arrival, "b") == marked
+
+
 def test_limit_two_is_a_semaphore_in_order(unique_redis_server: RedisServer) -> None:
     lock = Lock(make_store(unique_redis_server), limit=2)
     a, b = lock.acquire("a"), lock.acquire("b")
