@@ -389,26 +389,26 @@ class Scripts:
 
     #: A message off the atomic path was published: the short leases of its locks become
     #: full ones. KEYS: the queueing lock's key and its publishing mark (removed) when
-    #: ARGV[2] is set, then the lock's arrival key when ARGV[3] is set. ARGV: the owner's
-    #: token; the queueing lock's full lease (ms) or ''; the deadline its place in line was
-    #: given (ENTER_LINE's, as the server wrote it) or ''; the place's full wait (ms). Only
-    #: that exact deadline is replaced: a worker that received the job meanwhile keeps its
-    #: own mark. Returns {1 when the queueing lock's lease was set, 0 when it is gone or
-    #: another owner's; 1 when the place's was, else 0}.
+    #: ARGV[2] is set, then the lock's arrival key when ARGV[3] is given and set. ARGV: the
+    #: owner's token; the queueing lock's full lease (ms) or ''; the deadline its place in
+    #: line was given (ENTER_LINE's, as the server wrote it); the place's full wait (ms).
+    #: Only that exact deadline is replaced: a worker that received the job meanwhile
+    #: keeps its own mark. Returns 1 when the queueing lock's lease was set (0: it is gone
+    #: or another owner's), plus 2 when the place's was.
     PUBLISHED = """
-    local token, k, out = ARGV[1], 1, {0, 0}
+    local token, k, out = ARGV[1], 1, 0
     if ARGV[2] ~= '' then
       if redis.call('GET', KEYS[1]) == token then
         redis.call('DEL', KEYS[2])
-        out[1] = redis.call('PEXPIRE', KEYS[1], ARGV[2])
+        out = redis.call('PEXPIRE', KEYS[1], ARGV[2])
       end
       k = 3
     end
-    if ARGV[3] ~= '' and redis.call('ZSCORE', KEYS[k], token) == ARGV[3] then
+    if ARGV[3] and redis.call('ZSCORE', KEYS[k], token) == ARGV[3] then
       local clock = redis.call('TIME')
       local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
       redis.call('ZADD', KEYS[k], now + tonumber(ARGV[4]), token)
-      out[2] = 1
+      out = out + 2
     end
     return out
     """
@@ -427,19 +427,19 @@ class Scripts:
         command, not waited for (a lock lost meanwhile is then only logged: the caller has
         moved on)."""
         keys: list[str] = [] if key is None else [key, publishing_key(key)]
-        if place is not None:
+        args: list[Any] = [token, "" if key is None else ttl_ms]
+        if place is not None:  # on every enqueue of a job in line: nothing more than this
             keys.append(line_keys(place[0])[2])
+            args += [place[1].deadline, wait_ms]
 
         def parse(reply: Any) -> Extended:
-            extended = Extended(bool(reply[0]), bool(reply[1]))
+            extended = Extended(bool(reply & 1), bool(reply & 2))
             if defer and key is not None and not extended.queueing:
                 logger.warning("celery-unique: the queueing lock %s of %s could not be"
                                " given its full lease (it ended, or another job holds it)",
                                key, token)
             return extended
 
-        args = [token, "" if key is None else ttl_ms,
-                "" if place is None else place[1].deadline, wait_ms]
         return self._send_deferred(self._published, keys, args, parse, defer)
 
     def _send_deferred(self, script: Any, keys: list[str], args: list[Any],
@@ -1106,16 +1106,22 @@ class Reservation:
         short leases become full ones, once, in one command (two on a Cluster, whose keys
         are in two slots). Sent, not waited for: its reply is read at the thread's next
         command (a lock lost meanwhile is logged)."""
+        if not self.place_short:  # the common case: the queueing lock alone, or nothing
+            if self.short and self.key is not None:
+                self.short = False
+                self._extend(self.key, None)
+            return
         key = self.key if self.short else None
-        entered = self._entered.settle() if (
-            self.place_short and self._entered is not None) else None
+        entered = self._entered.settle() if self._entered is not None else None
         self.short = self.place_short = False
         line = self._line
         place = None if line is None or entered is None else (line.base, entered)
-        if key is None and place is None:
-            return
+        if key is not None or place is not None:
+            self._extend(key, place)
+
+    def _extend(self, key: str | None, place: tuple[str, Place] | None) -> None:
         try:
-            scripts = self._scripts
+            scripts, line = self._scripts, self._line
             if scripts.cluster and key is not None and place is not None:
                 scripts.published(self.token, key, self.ttl_ms)  # its own slot: read now
                 key = None
