@@ -77,6 +77,10 @@ def test_a_real_worker_records_what_happened(
         m.killed.delay(run)
         wait_for(lambda: "WorkerLostError" in worker.logs(), timeout=30,
                  what="the pool process to be lost")
+        # Its main process then releases the lock (after saying so): before the blip.
+        holders = redis.Redis.from_url(env["CELERY_UNIQUE_TEST_STORE_URL"])
+        wait_for(lambda: not holders.exists(f"celery_unique:l:{{kill_{run}}}:holders"),
+                 timeout=30, what="the killed job's lock to be released")
         # A store blip: the caller is refused, the worker's job is published again until
         # the store is back.
         lock_store.kill()
