@@ -10,6 +10,7 @@ from .exceptions import (
     KeyBuildError,
     LockHeld,
     LockStoreUnavailable,
+    Replaced,
 )
 from .settings import UniqueOptions
 from .task import UniqueTask
@@ -22,6 +23,7 @@ __all__ = [
     "KeyBuildError",
     "LockHeld",
     "LockStoreUnavailable",
+    "Replaced",
     "UniqueOptions",
     "UniqueTask",
 ]

@@ -32,7 +32,7 @@ from kombu.serialization import dumps
 from kombu.utils import json as kombu_json
 
 from .exceptions import LockStoreUnavailable
-from .scripts import Duplicate, GatedProducer, GatedRouter, Woken
+from .scripts import Duplicate, GatedProducer, GatedRouter, Taken, Woken
 from .settings import safe_url
 from .signals import report_store_unavailable
 from .state import app_state
@@ -85,20 +85,23 @@ class Push:
     whose line the job enters (or None). ``capture``: build the message, keep it, push
     nothing. ``publish_ms``: off the atomic path, the queueing lock's lease until the
     message is published (then ``ttl_ms``), so that a caller dying in between leaves a
-    lock that frees itself soon; 0: ``ttl_ms`` from the start.
+    lock that frees itself soon; 0: ``ttl_ms`` from the start. ``replace``: the queueing
+    lock is taken from a holder that has not started, which is then replaced
+    (:attr:`replaced` names it once published).
     """
 
     __slots__ = ("capture", "captured", "line", "publish_ms", "pushed", "queueing_key",
-                 "refused", "store", "task_id", "ttl_ms")
+                 "refused", "replace", "replaced", "store", "task_id", "ttl_ms")
 
     def __init__(self, store: Store, task_id: str, queueing_key: str | None = None,
                  ttl_ms: int = 0, line: Lock | None = None, capture: bool = False,
-                 publish_ms: int = 0) -> None:
+                 publish_ms: int = 0, replace: bool = False) -> None:
         self.store, self.task_id = store, task_id
         self.queueing_key, self.ttl_ms, self.line = queueing_key, ttl_ms, line
-        self.capture, self.publish_ms = capture, publish_ms
+        self.capture, self.publish_ms, self.replace = capture, publish_ms, replace
         self.captured: str | None = None
         self.pushed = self.refused = False
+        self.replaced = ""
 
     def publish(self, app: Celery, publish: Publish, producer: Any, options: dict[str, Any],
                 *, eager: bool, held: bool, task: Task, on_store_error: str) -> AsyncResult:
@@ -156,8 +159,8 @@ class Push:
             # Redis transport calls: a kombu that publishes some other way. The locks are
             # taken now, late rather than never, and it is said once.
             _warn_unpushed(app, task.name)
-            self.store.take_locks(self.task_id, self.queueing_key, self.ttl_ms, self.line
-                                  ).check()
+            self._took(self.store.take_locks(self.task_id, self.queueing_key, self.ttl_ms,
+                                             self.line, "1" if self.replace else ""))
         return result
 
     def separate(self, app: Celery, publish: Publish, producer: Any,
@@ -169,7 +172,7 @@ class Push:
         ``connection`` of the caller's). Eager mode runs the job in the caller, without
         routing or producer: the reply is read first."""
         locks = self.store.reserve(self.task_id, self.queueing_key, self.ttl_ms, self.line,
-                                   publish_ms=self.publish_ms, now=eager)
+                                   publish_ms=self.publish_ms, now=eager, replace=self.replace)
         woken: list[Woken] = []
         try:
             if eager:
@@ -185,6 +188,7 @@ class Push:
                 with app.producer_or_acquire(producer) as real_producer:
                     result = publish(self.task_id, GatedProducer(real_producer, locks))
             locks.published()  # unless the producer's publish did
+            self.replaced = locks.replaced
         except Duplicate:
             raise
         except BaseException:
@@ -229,18 +233,23 @@ class Push:
                 client, channel, queue=key, message=_dumps(message), token=self.task_id,
                 queueing_key=self.queueing_key, ttl_ms=self.ttl_ms,
                 line_base=self.line.base if self.line else None,
-                wait_ms=self.line.wait_ms if self.line else 0)
-        self.refused = not taken.taken
-        taken.check()
-        self.pushed = True
+                wait_ms=self.line.wait_ms if self.line else 0, replace=self.replace)
+        self._took(taken)
 
     def take(self, check: bool = True) -> None:
         """Take the locks with the store's own commands (kombu pushes the message);
         ``check``: raise :class:`Duplicate` when the queueing lock is held."""
-        taken = self.store.take_locks(self.task_id, self.queueing_key, self.ttl_ms, self.line)
+        taken = self.store.take_locks(self.task_id, self.queueing_key, self.ttl_ms, self.line,
+                                      "1" if self.replace and check else "")
         if check:
-            self.refused = not taken.taken
-            taken.check()
+            self._took(taken)
+        self.pushed = True
+
+    def _took(self, taken: Taken) -> None:
+        """The queueing lock's reply: raise :class:`Duplicate` when it is held."""
+        self.refused = not taken.taken
+        taken.check()
+        self.replaced = taken.replaced
         self.pushed = True
 
 

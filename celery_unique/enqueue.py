@@ -23,11 +23,12 @@ from typing import Any, NamedTuple
 
 from celery import Celery
 from celery.result import AsyncResult
+from celery.states import REVOKED
 from celery.utils import uuid
 
 from . import signals as unique_signals
 from .broker import Push
-from .exceptions import AlreadyQueued
+from .exceptions import AlreadyQueued, Replaced
 from .keys import CompiledSpec
 from .scripts import Duplicate
 from .settings import Resolved
@@ -103,7 +104,7 @@ class Enqueue:
             set_placed(value, now_ms())  # when it took its place: the wait is measured
         options["headers"] = {**headers, HEADER: value}
         push = Push(self.store, self.task_id, key, header.lease_ms + int(1000 * wait), line,
-                    publish_ms=int(values.publish_lease * 1000))
+                    publish_ms=int(values.publish_lease * 1000), replace=values.replaces)
         held = key is not None and key in self.state.held_keys
         try:
             result = push.publish(self.app, publish, producer, options, eager=eager, held=held,
@@ -113,7 +114,26 @@ class Enqueue:
             return self._duplicate(key or "", duplicate, options)
         if held:
             self.state.held_keys.pop(key or "", None)
+        if push.replaced:
+            self._replaced(key or "", push.replaced)
         return result
+
+    def _replaced(self, key: str, old: str) -> None:
+        """This job took the queueing lock from the job ``old``, replaced: ``old`` will not
+        run (its worker drops it), and its result says so from now on."""
+        job, task = self.job, self.job.sender
+        logger.info("celery-unique: %s[%s] replaced by %s under %s", task.name, old,
+                    self.task_id, key)
+        self.state.metrics.dequeued(task, "replaced")
+        unique_signals.job_replaced.send(sender=task, key=key, task_id=old,
+                                         replaced_by=self.task_id, args=job.args,
+                                         kwargs=job.kwargs)
+        if not task.ignore_result:
+            try:
+                task.backend.store_result(old, Replaced.of(task.name, key, old, self.task_id),
+                                          REVOKED)
+            except Exception:  # published: the worker that drops it stores it again
+                logger.exception("celery-unique: could not store the result of %s", old)
 
     def _duplicate(self, key: str, duplicate: Duplicate, options: Mapping[str, Any]
                    ) -> AsyncResult:
@@ -126,7 +146,9 @@ class Enqueue:
         from_canvas = bool(options.get("parent_id")) and task.app.current_worker_task is not None
         from_beat = bool((options.get("headers") or {}).get("celery_beat_task")
                          ) or _called_from_beat()
-        action = "existing" if job.values.on_duplicate == "existing" else "raised"
+        # "replace" never replaces a job that has started (``until="finished"``): it gets
+        # that job's result, as "existing" does.
+        action = "existing" if job.values.on_duplicate != "raise" else "raised"
         if action == "raised" and (from_canvas or from_beat):
             action = "skipped"
         unique_signals.duplicate_rejected.send(
@@ -141,7 +163,7 @@ class Enqueue:
         log = logger.info if action == "existing" else logger.warning
         log("celery-unique: %s not queued: %s is already queued under %s (%s)", task.name,
             holder, key, "from beat" if from_beat else "from a worker" if from_canvas else
-            "on_duplicate=existing")
+            f"on_duplicate={job.values.on_duplicate}")
         return task.AsyncResult(holder)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["AlreadyEnqueued", "AlreadyQueued", "CeleryUniqueError", "ConfigurationError",
-           "KeyBuildError", "LockHeld", "LockStoreUnavailable"]
+           "KeyBuildError", "LockHeld", "LockStoreUnavailable", "Replaced"]
 
 
 class CeleryUniqueError(Exception):
@@ -63,6 +63,34 @@ class LockHeld(CeleryUniqueError):
     ``on_locked="skip"``: the result of a skipped job (state ``REVOKED``). Context:
     ``lock`` (the lock's name), ``key`` (its Redis key), ``holder`` (a job holding it).
     """
+
+
+class Replaced(CeleryUniqueError):
+    """The job was replaced by a newer one before it started.
+
+    ``on_duplicate="replace"``: the result of a replaced job (state ``REVOKED``). Context:
+    ``key`` (its queueing lock's Redis key), ``task_id`` (the replaced job),
+    ``replaced_by`` (the job queued in its place).
+    """
+
+    key: str
+    task_id: str
+    replaced_by: str
+
+    def __init__(self, message: str | None = None, key: str = "", task_id: str = "",
+                 replaced_by: str = "", **context: Any) -> None:
+        super().__init__(message, key=key, task_id=task_id, replaced_by=replaced_by,
+                         **context)
+        # Celery's JSON result backends keep an exception's args only, and rebuild it
+        # with them: its context rides there.
+        self.args = (self.message, key, task_id, replaced_by)
+
+    @classmethod
+    def of(cls, task_name: str, key: str, task_id: str, replaced_by: str) -> Replaced:
+        """The error a replaced job ends with, worded once for the caller and the worker."""
+        return cls(f"{task_name}[{task_id}] was replaced by {replaced_by} before it started"
+                   f" (queueing lock {key})", key=key, task_id=task_id,
+                   replaced_by=replaced_by)
 
 
 #: procrastinate's spelling of :class:`AlreadyQueued`.

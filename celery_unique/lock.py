@@ -21,7 +21,7 @@ from celery.states import FAILURE, IGNORED, REJECTED, RETRY, REVOKED
 
 from . import signals as unique_signals
 from .broker import capture, publish_woken
-from .exceptions import LockHeld, LockStoreUnavailable
+from .exceptions import LockHeld, LockStoreUnavailable, Replaced
 from .keys import registry_key
 from .runtime import worker_runtime
 from .scripts import Grant, LockReply
@@ -74,15 +74,22 @@ def start(task: Task, header: JobHeader | None, policy: str) -> None:
     setattr(request, _RUN, run)
     if header is None:
         return
-    queueing_key = header.queueing_key if header.until == "started" else None
+    # A job that may be replaced asks whether it was once it holds its lock, in the
+    # command that releases its queueing lock.
+    replaceable = header.replaceable and bool(header.queueing_key)
+    queueing_key = header.queueing_key if header.until == "started" and not (
+        replaceable) else None
+    policy = header.on_store_error or policy
     if header.lock is not None:
-        held = _take(task, run, header.lock, queueing_key, header.on_store_error or policy)
+        held = _take(task, run, header.lock, queueing_key, policy)
         run.released = bool(queueing_key and held)  # the lock's script released it
         if run.released:
             app_state(task.app).metrics.dequeued(task, "job started")
     elif queueing_key:
         run.released = True
         free_queueing(task.app, task, queueing_key, request.id, "job started")
+    if replaceable:
+        _unless_replaced(task, run, header, policy)
 
 
 def state_of(exc: Exception) -> str:
@@ -118,7 +125,8 @@ def finish(task: Task, state: str, retval: Any) -> None:
         # the queue will run again.
         return
     run.released = True
-    free_queueing(task.app, task, header.queueing_key, request.id, state)
+    free_queueing(task.app, task, header.queueing_key, request.id, state,
+                  replaceable=header.replaceable)
 
 
 # -- taking the lock ---------------------------------------------------------------------
@@ -264,6 +272,56 @@ def _held(task: Task, run: JobRun, store: Store, lock: Lock, reply: LockReply) -
                                       fence=reply.fence)
 
 
+def _unless_replaced(task: Task, run: JobRun, header: JobHeader, policy: str) -> None:
+    """Raise Ignore when a newer job replaced this one (``on_duplicate="replace"``): it
+    ends ``REVOKED`` with :class:`Replaced` and gives up its lock. Else its queueing lock
+    is released (``until="started"``) or marked as started (no longer replaced)."""
+    request, key = task.request, header.queueing_key or ""
+    metrics = app_state(task.app).metrics
+    try:
+        started = store_of(task.app).started(key, request.id, header.until or "started")
+    except LockStoreUnavailable as exc:
+        if policy == "allow" or request.is_eager:
+            metrics.store_error(task, "acquire", "allowed")
+            unique_signals.report_store_unavailable(task, "run", request.id, exc)
+            return
+        _give_up_lock(task, run, "requeued")
+        metrics.store_error(task, "acquire", "requeued")
+        countdown = _requeue(task, run, header.lock, counter="s", backoff=_STORE_BACKOFF)
+        logger.warning("celery-unique: %s[%s]: the lock store is unreachable (%s);"
+                       " published again to run in %.1f s", task.name, request.id, exc,
+                       countdown)
+        run.parked = True
+        raise Ignore() from None
+    if started.replaced_by:
+        _give_up_lock(task, run, "replaced")
+        run.parked = True  # its end releases nothing more: its queueing lock is not its own
+        replaced = Replaced.of(task.name, key, request.id, started.replaced_by)
+        logger.info("celery-unique: %s", replaced)
+        _revoke(task, replaced)
+        raise Ignore()
+    if started.released:
+        run.released = True
+        metrics.dequeued(task, "job started")
+
+
+def _give_up_lock(task: Task, run: JobRun, why: str) -> None:
+    if run.lock is not None:
+        lock, run.lock = run.lock, None
+        release_lock(task.app, task, task.request.id, lock, why,
+                     run.header.queue if run.header else None)
+
+
+def _revoke(task: Task, exc: Exception) -> None:
+    """The job ends ``REVOKED`` with ``exc``: final (ready() is true), neither success nor
+    failure; get() raises ``exc`` instead of waiting for a result that will never come."""
+    request = task.request
+    if request.is_eager:
+        app_state(task.app).eager_skipped[request.id] = exc  # UniqueTask.apply reads it
+    elif not task.ignore_result:
+        task.backend.store_result(request.id, exc, REVOKED, request=request)
+
+
 def _waiting(task: Task, lock: Lock, holder: str, action: str) -> None:
     app_state(task.app).metrics.waited(task, action)
     unique_signals.lock_waiting.send(sender=task, key=lock.base, task_id=task.request.id,
@@ -276,15 +334,10 @@ def _skip(task: Task, lock: Lock, holder: str) -> None:
     exc = LockHeld(f"{task.name}[{request.id}] skipped: its lock {lock.base} is held by"
                    f" {holder}", key=lock.base, holder=holder, task_id=request.id)
     logger.warning("celery-unique: %s", exc)
-    # REVOKED is final (ready() is true) and neither success nor failure; get() raises
-    # this error instead of waiting for a result that will never come.
-    if request.is_eager:
-        app_state(task.app).eager_skipped[request.id] = exc  # UniqueTask.apply reads it
-    elif not task.ignore_result:
-        task.backend.store_result(request.id, exc, REVOKED, request=request)
+    _revoke(task, exc)
 
 
-def _requeue(task: Task, run: JobRun, lock: Lock, counter: str = "w",
+def _requeue(task: Task, run: JobRun, lock: Lock | None, counter: str = "w",
              backoff: tuple[float, float] = _RETRY_COUNTDOWN) -> float:
     """Publish the job again with a countdown (``backoff``: first, most; doubling per
     attempt, counted in the header under ``counter``); returns the countdown."""
@@ -354,9 +407,10 @@ def release_unrun(app: Celery, sender: Any, token: str, header: JobHeader, why: 
         release_lock(app, sender, token, header.lock, why, header.queue)
 
 
-def free_queueing(app: Celery, sender: Any, key: str, token: str, why: str) -> None:
+def free_queueing(app: Celery, sender: Any, key: str, token: str, why: str, *,
+                  replaceable: bool = False) -> None:
     """Release the queueing lock ``key`` if ``token`` holds it; a failure is logged."""
-    released = store_of(app).release_quietly(key, token, why)
+    released = store_of(app).release_quietly(key, token, why, replaceable=replaceable)
     if released:
         app_state(app).metrics.dequeued(sender, why)
     elif released is None:

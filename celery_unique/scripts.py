@@ -28,8 +28,8 @@ from .settings import safe_url
 from .wire import Lock, RegistryEntry
 
 __all__ = ["Duplicate", "GatedProducer", "GatedRouter", "Grant", "LockReply", "Pending",
-           "Released", "Reservation", "Scripts", "Swept", "Taken", "Woken", "publishing_key",
-           "read_keys", "text"]
+           "Released", "Reservation", "Scripts", "Started", "Swept", "Taken", "Woken",
+           "publishing_key", "read_keys", "replaced_key", "text"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,10 @@ class Taken(NamedTuple):
     taken: bool  #: taken (or already held by this token: its lease renewed)
     holder: str  #: the token holding it
     pttl_ms: int  #: the holder's lease left
+    #: The token of the job it was taken from, replaced (``on_duplicate="replace"``), or
+    #: ``""``; and that job's lease left then.
+    replaced: str = ""
+    replaced_pttl_ms: int = 0
 
     def check(self) -> None:
         """Raise :class:`Duplicate` unless the lock was taken."""
@@ -89,6 +93,9 @@ class Extended(NamedTuple):
 
     queueing: bool  #: the queueing lock (False: gone, another job's, or not asked)
     place: bool  #: the place in line (False: given up, marked by a worker, or not asked)
+    #: The job it took the queueing lock from is replaced (False: it started meanwhile,
+    #: or not asked).
+    replaced: bool = False
 
 
 class Woken(NamedTuple):
@@ -157,8 +164,17 @@ def _taken(token: str, ttl_ms: int) -> Callable[[Any], Taken]:
     def parse(reply: Any) -> Taken:
         if reply is None:
             return Taken(True, token, ttl_ms)
+        if len(reply) > 2:  # taken from a job it replaced
+            return Taken(True, token, ttl_ms, text(reply[0]), int(reply[1]))
         return Taken(False, text(reply[0]), int(reply[1]))
     return parse
+
+
+class Started(NamedTuple):
+    """The reply of :meth:`Scripts.started`."""
+
+    replaced_by: str  #: the job that replaced this one (it must not run), or ``""``
+    released: bool  #: its queueing lock was released (``until="started"``)
 
 
 # -- shared by the scripts -------------------------------------------------------------
@@ -172,6 +188,34 @@ local function enter_line(line, seq, arrival, token, wait_ms)
   redis.call('ZADD', line, 'NX', ticket, token)
   redis.call('ZADD', arrival, now + tonumber(wait_ms), token)
   return ticket
+end
+"""
+
+#: A queueing lock's jobs replaced (``on_duplicate="replace"``) and not started yet: the
+#: HASH ``replaced_key(key)``, replaced token -> its replacer's token (it must not run);
+#: ``"?"`` and the replacer's token while the replacer is not published yet (off the
+#: atomic path: if the replaced job starts meanwhile it runs, and its value becomes
+#: ``""``: the replacer's publish then leaves it alone). Under the field
+#: :data:`STARTED_FIELD`, the holder that has started (``until="finished"``): it is not
+#: replaced. The hash lives as long as the longest lease it has seen.
+STARTED_FIELD = ":started"
+
+_TAKE_QUEUEING_FUNCTION = f"""
+local function take_queueing(key, replaced, token, lease, mark)
+  local holder = redis.call('GET', key)
+  local out = false
+  if holder and holder ~= token then
+    local pttl = redis.call('PTTL', key)
+    if not replaced or redis.call('HGET', replaced, '{STARTED_FIELD}') == holder then
+      return {{holder, pttl}}
+    end
+    redis.call('HSET', replaced, holder, mark)
+    local keep = math.max(redis.call('PTTL', replaced), pttl, tonumber(lease))
+    redis.call('PEXPIRE', replaced, keep)
+    out = {{holder, pttl, 1}}
+  end
+  redis.call('SET', key, token, 'PX', lease)
+  return out
 end
 """
 
@@ -330,6 +374,8 @@ class Scripts:
         #: Scripts whose reply may be left unread (``_send_deferred``): those read once.
         self._deferrable: set[str] = set()
         self._release_queueing = register(self.RELEASE_QUEUEING_LOCK)
+        self._restore_queueing = register(self.RESTORE_QUEUEING_LOCK)
+        self._started = register(self.STARTED)
         self._push = register(self.PUSH_WITH_LOCKS)  # run on kombu's client, not ours
         self._enter_line = register(self.ENTER_LINE)
         self._acquire_lock = register(self.ACQUIRE_LOCK)
@@ -354,32 +400,44 @@ class Scripts:
 
     # -- the queueing lock ------------------------------------------------------------
 
-    #: KEYS[1]: the queueing lock's key; KEYS[2] (optional): its publishing mark
-    #: (:func:`publishing_key`), set with the same lease: the lock is not published yet.
-    #: ARGV[1]: the owner's token (the job's task id); ARGV[2]: the lease in milliseconds.
+    #: KEYS[1]: the queueing lock's key; KEYS[2], KEYS[3] (when ARGV[3] or ARGV[4] is set):
+    #: its publishing mark (:func:`publishing_key`) and its replaced jobs
+    #: (:func:`replaced_key`). ARGV[1]: the owner's token (the job's task id); ARGV[2]: the
+    #: lease in milliseconds; ARGV[3]: '1' to set the publishing mark with the same lease
+    #: (the lock is not published yet); ARGV[4]: to replace a holder that has not started
+    #: (``on_duplicate="replace"``), '1', or '?' when this job is published after (its
+    #: replacement is confirmed by :data:`PUBLISHED`).
     #: Returns nil when taken, or already held by this owner (its lease is renewed: a retry
-    #: re-takes its own lock); else ``{holder's token, holder's PTTL in ms}``. (nil is the
-    #: cheapest reply to parse, and acceptance is the hot path.)
-    ACQUIRE_QUEUEING_LOCK = """
-    local holder = redis.call('GET', KEYS[1])
-    if (not holder) or holder == ARGV[1] then
-      redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-      if KEYS[2] then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end
-      return false
-    end
-    return {holder, redis.call('PTTL', KEYS[1])}
+    #: re-takes its own lock); ``{replaced holder, its PTTL, 1}`` when taken from a holder
+    #: it replaced; else ``{holder's token, holder's PTTL in ms}``. (nil is the cheapest
+    #: reply to parse, and acceptance is the hot path.)
+    ACQUIRE_QUEUEING_LOCK = _TAKE_QUEUEING_FUNCTION + """
+    local replace = ARGV[4] and ARGV[4] ~= '' and KEYS[3]
+    local out = take_queueing(KEYS[1], replace, ARGV[1], ARGV[2],
+                              ARGV[4] == '?' and '?' .. ARGV[1] or ARGV[1])
+    if out and not out[3] then return out end
+    if ARGV[3] == '1' then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end
+    return out
     """
 
-    def acquire_queueing_lock(self, key: str, token: str, ttl_ms: int) -> Taken:
-        """Take ``key`` for ``token`` (:data:`ACQUIRE_QUEUEING_LOCK`)."""
-        return self.send_acquire_queueing_lock(key, token, ttl_ms, now=True).result()
+    def acquire_queueing_lock(self, key: str, token: str, ttl_ms: int, *,
+                              replace: str = "") -> Taken:
+        """Take ``key`` for ``token`` (:data:`ACQUIRE_QUEUEING_LOCK`); ``replace``: from a
+        holder that has not started, which is then replaced (``"1"``), or will be once
+        this job is published (``"?"``, :meth:`published`)."""
+        return self.send_acquire_queueing_lock(key, token, ttl_ms, now=True, replace=replace
+                                               ).result()
 
     def send_acquire_queueing_lock(self, key: str, token: str, ttl_ms: int, *,
-                                   now: bool = False, publishing: bool = False
-                                   ) -> Pending[Taken]:
+                                   now: bool = False, publishing: bool = False,
+                                   replace: str = "") -> Pending[Taken]:
         """:meth:`acquire_queueing_lock` sent now, its reply read later (``now``: read).
         ``publishing``: marked as not published yet, until :meth:`published`."""
-        args = [key, publishing_key(key)] if publishing else [key], [token, ttl_ms]
+        if publishing or replace:
+            args = ([key, publishing_key(key), replaced_key(key)],
+                    [token, ttl_ms, "1" if publishing else "", replace])
+        else:  # the hot path
+            args = [key], [token, ttl_ms]
         if now:
             pending = Pending(self._call, self._acquire_queueing, *args, _taken(token, ttl_ms))
             pending.result()
@@ -387,14 +445,72 @@ class Scripts:
         return send(self.conns, self._call, self._acquire_queueing, *args,
                     _taken(token, ttl_ms))
 
+    #: A job taken from a holder it replaced, and then not published (off the atomic
+    #: path): the holder gets its lock back and is no longer replaced. KEYS: the queueing
+    #: lock's key, its publishing mark, its replaced jobs. ARGV: the token that took it,
+    #: the holder's token, the holder's lease left (ms). Returns 1 when given back, 0 when
+    #: the key is no longer the token's.
+    RESTORE_QUEUEING_LOCK = """
+    if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+    redis.call('DEL', KEYS[2])
+    local mark = redis.call('HGET', KEYS[3], ARGV[2])
+    if mark == ARGV[1] or mark == '?' .. ARGV[1] then redis.call('HDEL', KEYS[3], ARGV[2]) end
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', math.max(tonumber(ARGV[3]), 1))
+    return 1
+    """
+
+    def restore_queueing_lock(self, key: str, token: str, holder: str, pttl_ms: int) -> bool:
+        """:data:`RESTORE_QUEUEING_LOCK`: give ``key`` back to the ``holder`` that ``token``
+        replaced."""
+        return bool(self._run(self._restore_queueing,
+                              [key, publishing_key(key), replaced_key(key)],
+                              [token, holder, pttl_ms]))
+
+    #: A job that may be replaced starts (its lock, if any, taken). KEYS: its queueing
+    #: lock's key, publishing mark and replaced jobs. ARGV: the token; ``until``
+    #: ("started": the queueing lock is released; "finished": its holder is marked as
+    #: started, and no longer replaced).
+    #: Returns ``{replacer's token}`` when the job was replaced (it must not run; its
+    #: entry is removed), else 1 when the lock was released, else 0. A replacer not
+    #: published yet (``"?"``) does not replace it: it runs, and says so.
+    STARTED = """
+    local token = ARGV[1]
+    local by = redis.call('HGET', KEYS[3], token)
+    if by and by ~= '' and string.sub(by, 1, 1) ~= '?' then
+      redis.call('HDEL', KEYS[3], token)
+      return {by}
+    end
+    if by then redis.call('HSET', KEYS[3], token, '') end
+    if redis.call('GET', KEYS[1]) ~= token then return 0 end
+    if ARGV[2] == 'started' then
+      redis.call('DEL', KEYS[2])
+      return redis.call('DEL', KEYS[1])
+    end
+    redis.call('HSET', KEYS[3], '""" + STARTED_FIELD + """', token)
+    local keep = math.max(redis.call('PTTL', KEYS[3]), redis.call('PTTL', KEYS[1]))
+    redis.call('PEXPIRE', KEYS[3], keep)
+    return 0
+    """
+
+    def started(self, key: str, token: str, until: str) -> Started:
+        """:data:`STARTED`: whether the job ``token`` holding ``key`` was replaced; if not,
+        its queueing lock released (``until="started"``) or marked as started."""
+        reply = self._run(self._started, [key, publishing_key(key), replaced_key(key)],
+                          [token, until])
+        if isinstance(reply, list):
+            return Started(text(reply[0]), False)
+        return Started("", bool(reply))
+
     #: A message off the atomic path was published: the short leases of its locks become
     #: full ones. KEYS: the queueing lock's key and its publishing mark (removed) when
     #: ARGV[2] is set, then the lock's arrival key when ARGV[3] is given and set. ARGV: the
     #: owner's token; the queueing lock's full lease (ms) or ''; the deadline its place in
     #: line was given (ENTER_LINE's, as the server wrote it); the place's full wait (ms).
     #: Only that exact deadline is replaced: a worker that received the job meanwhile
-    #: keeps its own mark. Returns 1 when the queueing lock's lease was set (0: it is gone
-    #: or another owner's), plus 2 when the place's was.
+    #: keeps its own mark. ARGV[5] (optional): the job it took the queueing lock from, to
+    #: replace now unless it started meanwhile; KEYS' last: the queueing lock's replaced
+    #: jobs. Returns 1 when the queueing lock's lease was set (0: it is gone or another
+    #: owner's), plus 2 when the place's was, plus 4 when the job was replaced.
     PUBLISHED = """
     local token, k, out = ARGV[1], 1, 0
     if ARGV[2] ~= '' then
@@ -404,24 +520,31 @@ class Scripts:
       end
       k = 3
     end
-    if ARGV[3] and redis.call('ZSCORE', KEYS[k], token) == ARGV[3] then
+    if ARGV[3] and ARGV[3] ~= '' and redis.call('ZSCORE', KEYS[k], token) == ARGV[3] then
       local clock = redis.call('TIME')
       local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
       redis.call('ZADD', KEYS[k], now + tonumber(ARGV[4]), token)
       out = out + 2
     end
+    if ARGV[5] and redis.call('HGET', KEYS[#KEYS], ARGV[5]) == '?' .. token then
+      redis.call('HSET', KEYS[#KEYS], ARGV[5], token)
+      out = out + 4
+    end
     return out
     """
 
     def published(self, token: str, key: str | None = None, ttl_ms: int = 0,
-                  place: tuple[str, Place] | None = None, wait_ms: int = 0) -> Extended:
+                  place: tuple[str, Place] | None = None, wait_ms: int = 0,
+                  replacing: tuple[str, str] | None = None) -> Extended:
         """:data:`PUBLISHED`: give ``token``'s queueing lock ``key`` a lease of ``ttl_ms``
         from now, and its place (``(lock base, the place ENTER_LINE gave)``) a wait of
-        ``wait_ms``, where each still holds its short one."""
-        return self.send_published(token, key, ttl_ms, place, wait_ms).result()
+        ``wait_ms``, where each still holds its short one; ``replacing``: ``(queueing
+        key, token)`` of the job it took the lock from, replaced now unless it started."""
+        return self.send_published(token, key, ttl_ms, place, wait_ms, replacing).result()
 
     def send_published(self, token: str, key: str | None = None, ttl_ms: int = 0,
-                       place: tuple[str, Place] | None = None, wait_ms: int = 0, *,
+                       place: tuple[str, Place] | None = None, wait_ms: int = 0,
+                       replacing: tuple[str, str] | None = None, *,
                        defer: bool = False) -> Pending[Extended]:
         """:meth:`published` sent now. ``defer``: its reply is read at this thread's next
         command, not waited for (a lock lost meanwhile is then only logged: the caller has
@@ -431,9 +554,12 @@ class Scripts:
         if place is not None:  # on every enqueue of a job in line: nothing more than this
             keys.append(line_keys(place[0])[2])
             args += [place[1].deadline, wait_ms]
+        if replacing is not None:
+            keys.append(replaced_key(replacing[0]))
+            args += [*["", ""][:4 - len(args)], replacing[1]]
 
         def parse(reply: Any) -> Extended:
-            extended = Extended(bool(reply & 1), bool(reply & 2))
+            extended = Extended(bool(reply & 1), bool(reply & 2), bool(reply & 4))
             if defer and key is not None and not extended.queueing:
                 logger.warning("celery-unique: the queueing lock %s of %s could not be"
                                " given its full lease (it ended, or another job holds it)",
@@ -474,26 +600,35 @@ class Scripts:
         return send(self.conns, self._call, self._peek_queueing, [key], [token],
                     _taken(token, 0))
 
-    #: KEYS[1]: a lock's key; KEYS[2]: its publishing mark. ARGV[1]: the owner's token.
-    #: Returns 1 when deleted, 0 when the key is gone or held by another owner (whose lock is
-    #: left alone: a job whose lease expired never deletes its successor's lock).
+    #: KEYS[1]: a lock's key; KEYS[2]: its publishing mark; KEYS[3] (optional): its
+    #: replaced jobs, where the owner's mark as started is removed. ARGV[1]: the owner's
+    #: token. Returns 1 when deleted, 0 when the key is gone or held by another owner (whose
+    #: lock is left alone: a job whose lease expired never deletes its successor's lock).
     RELEASE_QUEUEING_LOCK = """
     if redis.call('GET', KEYS[1]) == ARGV[1] then
       redis.call('DEL', KEYS[2])
+      if KEYS[3] and redis.call('HGET', KEYS[3], '""" + STARTED_FIELD + """') == ARGV[1] then
+        redis.call('HDEL', KEYS[3], '""" + STARTED_FIELD + """')
+      end
       return redis.call('DEL', KEYS[1])
     end
     return 0
     """
 
-    def release(self, key: str, token: str) -> bool:
-        """Delete the queueing lock ``key`` if ``token`` holds it."""
-        return bool(self._run(self._release_queueing, [key, publishing_key(key)], [token]))
+    def release(self, key: str, token: str, *, replaceable: bool = False) -> bool:
+        """Delete the queueing lock ``key`` if ``token`` holds it (``replaceable``: and its
+        mark as started, :meth:`started`)."""
+        keys = [key, publishing_key(key)]
+        if replaceable:
+            keys.append(replaced_key(key))
+        return bool(self._run(self._release_queueing, keys, [token]))
 
-    def release_quietly(self, key: str, token: str, why: str) -> bool | None:
+    def release_quietly(self, key: str, token: str, why: str, *, replaceable: bool = False
+                        ) -> bool | None:
         """:meth:`release`, logging instead of raising: for paths that must not fail a job.
         Returns whether ``token`` held it; None when the store could not be reached."""
         try:
-            return self.release(key, token)
+            return self.release(key, token, replaceable=replaceable)
         except Exception:
             logger.exception("celery-unique: could not release %s (%s) for %s", key, why,
                              token)
@@ -502,42 +637,50 @@ class Scripts:
     #: The atomic enqueue (a Redis broker whose server and database hold the locks): the
     #: message is pushed where kombu would push it, with its locks, or not at all.
     #: KEYS[1]: the queue's list (kombu's key, its priority included); then the queueing
-    #: lock's key when ARGV[3] is set; then the lock's line, seq and arrival keys when ARGV[4]
-    #: is set. ARGV[1]: the message as kombu would push it; ARGV[2]: the owner's token (the
-    #: job's task id); ARGV[3]: the queueing lock's lease in ms, or ''; ARGV[4]: the ms the
-    #: job may take to reach a worker before its place in line is given up, or ''.
+    #: lock's key when ARGV[3] is set, and its replaced jobs when ARGV[5] is set; then the
+    #: lock's line, seq and arrival keys when ARGV[4] is set. ARGV[1]: the message as kombu
+    #: would push it; ARGV[2]: the owner's token (the job's task id); ARGV[3]: the queueing
+    #: lock's lease in ms, or ''; ARGV[4]: the ms the job may take to reach a worker before
+    #: its place in line is given up, or ''; ARGV[5]: '1' to replace a holder that has not
+    #: started (``on_duplicate="replace"``), or ''.
     #: Returns nil when pushed (the queueing lock taken, or already held by this owner, as
-    #: ACQUIRE_QUEUEING_LOCK), else ``{holder's token, holder's PTTL}`` and nothing is written.
-    PUSH_WITH_LOCKS = _ENTER_LINE_FUNCTION + """
-    local token, n = ARGV[2], 1
+    #: ACQUIRE_QUEUEING_LOCK), ``{replaced holder, its PTTL, 1}`` when pushed after taking
+    #: the lock from a holder it replaced, else ``{holder's token, holder's PTTL}`` and
+    #: nothing is written.
+    PUSH_WITH_LOCKS = _ENTER_LINE_FUNCTION + _TAKE_QUEUEING_FUNCTION + """
+    local token, n, out = ARGV[2], 1, false
     if ARGV[3] ~= '' then
-      local holder = redis.call('GET', KEYS[2])
-      if holder and holder ~= token then return {holder, redis.call('PTTL', KEYS[2])} end
-      redis.call('SET', KEYS[2], token, 'PX', ARGV[3])
-      n = 2
+      local replace = ARGV[5] == '1'
+      out = take_queueing(KEYS[2], replace and KEYS[3], token, ARGV[3], token)
+      if out and not out[3] then return out end
+      n = replace and 3 or 2
     end
     if ARGV[4] ~= '' then enter_line(KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], token, ARGV[4]) end
     redis.call('LPUSH', KEYS[1], ARGV[1])
-    return false
+    return out
     """
 
     def push_with_locks(self, client: Any, owner: Any, *, queue: str, message: str,
                         token: str, queueing_key: str | None, ttl_ms: int,
-                        line_base: str | None, wait_ms: int) -> Taken:
+                        line_base: str | None, wait_ms: int, replace: bool = False) -> Taken:
         """Push ``message`` onto kombu's ``queue`` with its locks (:data:`PUSH_WITH_LOCKS`),
         on kombu's ``client`` (the broker's server, which is ours); ``owner`` keeps the
-        connection between calls (see :func:`run_on`)."""
-        keys, args = [queue], [message, token, "", ""]
+        connection between calls (see :func:`run_on`); ``replace``: take the queueing lock
+        from a holder that has not started, which is then replaced."""
+        keys, args = [queue], [message, token, "", "", ""]
         if queueing_key:
             keys.append(queueing_key)
             args[2] = str(ttl_ms)
+            if replace:
+                keys.append(replaced_key(queueing_key))
+                args[4] = "1"
         if line_base is not None:
             keys.extend(line_keys(line_base))
             args[3] = str(wait_ms)
         reply = run_on(client, self._pool_args, self._push, keys, args, owner)
         if reply is None:  # the hot path: no parser to build
             return Taken(True, token, ttl_ms)
-        return Taken(False, text(reply[0]), int(reply[1]))
+        return _taken(token, ttl_ms)(reply)
 
     #: At enqueue, a job takes its place in its lock's line ("order"): creation order.
     #: KEYS: the lock's line, seq and arrival keys. ARGV: token, ms it may take to reach a
@@ -560,20 +703,21 @@ class Scripts:
                     [token, wait_ms], _place)
 
     def take_locks(self, token: str, queueing_key: str | None, ttl_ms: int,
-                   line: Lock | None) -> Taken:
+                   line: Lock | None, replace: str = "") -> Taken:
         """The locks of a message kombu pushes itself: the queueing lock (if any), then,
         when it was taken, the place in ``line`` (two round trips)."""
         taken = Taken(True, token, ttl_ms)
         if queueing_key:
-            taken = self.acquire_queueing_lock(queueing_key, token, ttl_ms)
+            taken = self.acquire_queueing_lock(queueing_key, token, ttl_ms, replace=replace)
         if taken.taken and line is not None:
             self.enter_line(line.base, token, line.wait_ms)
         return taken
 
     def reserve(self, token: str, queueing_key: str | None, ttl_ms: int, line: Lock | None,
-                *, publish_ms: int = 0, now: bool = False) -> Reservation:
+                *, publish_ms: int = 0, now: bool = False, replace: bool = False
+                ) -> Reservation:
         """The locks of a message published after them, sent now (:class:`Reservation`)."""
-        return Reservation(self, token, queueing_key, ttl_ms, line, publish_ms, now)
+        return Reservation(self, token, queueing_key, ttl_ms, line, publish_ms, now, replace)
 
     #: A job at a worker asks for its lock. KEYS: the prelude's; KEYS[8] (single server,
     #: optional): the job's queueing lock, released when the lock is taken.
@@ -1060,11 +1204,24 @@ class Reservation:
     trip overlaps its building; ``now``: read at once (eager mode: no router, no
     producer)."""
 
-    __slots__ = ("_entered", "_line", "_publish_ms", "_scripts", "_sent", "key",
-                 "place_short", "short", "token", "ttl_ms")
+    __slots__ = (
+        "_asked",
+        "_entered",
+        "_line",
+        "_publish_ms",
+        "_scripts",
+        "_sent",
+        "key",
+        "place_short",
+        "replaced",
+        "short",
+        "token",
+        "ttl_ms",
+    )
 
     def __init__(self, scripts: Scripts, token: str, key: str | None, ttl_ms: int,
-                 line: Lock | None, publish_ms: int, now: bool) -> None:
+                 line: Lock | None, publish_ms: int, now: bool, replace: bool = False
+                 ) -> None:
         self._scripts, self.token, self.key, self.ttl_ms, self._line = (
             scripts, token, key, ttl_ms, line)
         #: On the short lease until :meth:`published` (unless the full one is shorter).
@@ -1073,8 +1230,13 @@ class Reservation:
         self.place_short = line is not None and 0 < publish_ms < line.wait_ms and not now
         self._publish_ms = publish_ms
         self._entered: Pending[Place] | None = None
+        #: The job this one replaced, once published (``replace``: the job it took the
+        #: queueing lock from is replaced when this one is published, unless it started).
+        self.replaced = ""
+        self._asked = False  # whether the replacement was asked for
         self._sent = None if key is None else scripts.send_acquire_queueing_lock(
-            key, token, publish_ms if self.short else ttl_ms, now=now, publishing=self.short)
+            key, token, publish_ms if self.short else ttl_ms, now=now, publishing=self.short,
+            replace="?" if replace else "")
         if key is None:
             self._enter()
 
@@ -1097,15 +1259,26 @@ class Reservation:
                 line.base, self.token, self._publish_ms if self.place_short else line.wait_ms)
 
     @property
+    def _replacing(self) -> str:
+        """The job it took the queueing lock from, to replace once published."""
+        reply = self._sent.settle() if self._sent is not None and not self._asked else None
+        return reply.replaced if reply is not None else ""
+
+    @property
     def pending(self) -> bool:
-        """Whether a short lease waits for :meth:`published`."""
-        return self.short or self.place_short
+        """Whether a short lease, or a replacement, waits for :meth:`published`."""
+        return self.short or self.place_short or bool(self._replacing)
 
     def published(self) -> None:
         """The broker has the message (with publisher confirms, has confirmed it): the
         short leases become full ones, once, in one command (two on a Cluster, whose keys
         are in two slots). Sent, not waited for: its reply is read at the thread's next
-        command (a lock lost meanwhile is logged)."""
+        command (a lock lost meanwhile is logged); with a job to replace, read now (the
+        caller stores the replaced job's result)."""
+        replacing = self._replacing
+        if replacing and self.key is not None:
+            self._replace(self.key, replacing)
+            return
         if not self.place_short:  # the common case: the queueing lock alone, or nothing
             if self.short and self.key is not None:
                 self.short = False
@@ -1134,12 +1307,43 @@ class Reservation:
                 "celery-unique: %s was published, but its locks could not be given their full"
                 " lease: they end within unique_publish_lease", self.token)
 
+    def _replace(self, key: str, replacing: str) -> None:
+        """:meth:`published` for a job that took the queueing lock from ``replacing``."""
+        line, short, self._asked = self._line, self.short, True
+        entered = self._entered.settle() if self._entered is not None else None
+        place = None if line is None or entered is None or not self.place_short else (
+            line.base, entered)
+        self.short = self.place_short = False
+        wait_ms = line.wait_ms if line is not None else 0
+        scripts = self._scripts
+        try:
+            if scripts.cluster and place is not None:  # its own slot
+                scripts.published(self.token, place=place, wait_ms=wait_ms)
+                place = None
+            extended = scripts.published(self.token, key if short else None, self.ttl_ms,
+                                         place, wait_ms, (key, replacing))
+        except Exception:
+            logger.exception("celery-unique: %s was published, but %s could not be replaced:"
+                             " both may run", self.token, replacing)
+            return
+        if extended.replaced:
+            self.replaced = replacing
+
     def undo(self) -> list[Woken]:
         """Give up the locks of a message that was not published: the parked jobs handed
         the lock meanwhile, for the caller to publish (never raises)."""
         self.short = False
         sent, entered, line = self._sent, self._entered, self._line
-        if sent is not None and (sent.settle() or (False,))[0]:
+        taken = sent.settle() if sent is not None else None
+        if taken is not None and taken.replaced:
+            # The job it replaced gets its lock back, and runs.
+            try:
+                self._scripts.restore_queueing_lock(self.key or "", self.token,
+                                                    taken.replaced, taken.replaced_pttl_ms)
+            except Exception:
+                logger.exception("celery-unique: could not give %s back to %s", self.key,
+                                 taken.replaced)
+        elif taken is not None and taken.taken:
             self._scripts.release_quietly(self.key or "", self.token, "publish failed")
         if entered is None or line is None:
             return []
@@ -1207,6 +1411,12 @@ def publishing_key(key: str) -> str:
     """The mark of a queueing lock taken and not yet published (the separate path): the
     lock's key and a suffix, so the same hash slot, and never listed as a lock itself."""
     return f"{key}:publishing"
+
+
+def replaced_key(key: str) -> str:
+    """The jobs of the queueing lock ``key`` replaced and not started yet (a HASH, see
+    :data:`STARTED_FIELD`): the same hash slot, never listed as a lock."""
+    return f"{key}:replaced"
 
 
 def read_keys(letter: str, key: str) -> list[str]:

@@ -20,7 +20,7 @@ from .wire import JobHeader, Lock
 
 __all__ = ["DEFAULTS", "Resolved", "UniqueOptions", "redis_url", "setting"]
 
-ON_DUPLICATE = ("raise", "existing")
+ON_DUPLICATE = ("raise", "existing", "replace")
 ON_LOCKED = ("order", "retry", "skip")
 ON_STORE_ERROR = ("raise", "allow")
 UNTIL = ("started", "finished", "expired")
@@ -111,7 +111,27 @@ class Resolved:
         return JobHeader(
             key, int(self.queueing_lock_timeout * 1000) if key else 0,
             self.queueing_lock_until if key else None, held,
-            None if self.on_store_error == policy else self.on_store_error)
+            None if self.on_store_error == policy else self.on_store_error,
+            replaceable=self.replaces and key is not None)
+
+    @property
+    def replaces(self) -> bool:
+        """Whether a duplicate replaces the job it finds queued."""
+        return self.on_duplicate == "replace"
+
+    def check_replace(self, task_default: Resolved, where: str) -> None:
+        """``on_duplicate="replace"`` is the task's, not a call's: every job of the task
+        must ask at its start whether it was replaced; and a throttle is not replaced."""
+        if self.replaces != task_default.replaces:
+            raise ConfigurationError(
+                f"{where}: on_duplicate='replace' is set on the task (or app-wide), not per"
+                " call: only then do all its jobs ask, when they start, whether they were"
+                " replaced", option="on_duplicate", value=self.on_duplicate, where=where)
+        if self.replaces and self.queueing_lock_until == "expired":
+            raise ConfigurationError(
+                f"{where}: on_duplicate='replace' with queueing_lock_until='expired' (a"
+                " throttle): a replacing job would start the throttle's period again",
+                option="on_duplicate", value=self.on_duplicate, where=where)
 
     def lock(self, task_name: str, spec: CompiledSpec, args: Sequence[Any],
              kwargs: Mapping[str, Any]) -> Lock:

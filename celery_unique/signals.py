@@ -10,7 +10,7 @@ from typing import Any
 
 from celery.utils.dispatch import Signal
 
-__all__ = ["duplicate_rejected", "lock_acquired", "lock_lost", "lock_released",
+__all__ = ["duplicate_rejected", "job_replaced", "lock_acquired", "lock_lost", "lock_released",
            "lock_waiting", "report_store_unavailable", "store_unavailable"]
 
 logger = logging.getLogger("celery_unique")
@@ -20,6 +20,12 @@ logger = logging.getLogger("celery_unique")
 #: job holding the lock), ``ttl`` (seconds left), ``args``, ``kwargs``, ``action``
 #: (``"raised"``, ``"existing"`` or ``"skipped"``).
 duplicate_rejected = Signal(name="celery_unique.duplicate_rejected")
+
+#: Sent by the caller when its job replaced the job queued under the same queueing lock
+#: (``on_duplicate="replace"``), once the new job is published. Sender: the task.
+#: Arguments: ``key``, ``task_id`` (the job replaced, which will not run), ``replaced_by``
+#: (the new job), ``args``, ``kwargs`` (the new job's).
+job_replaced = Signal(name="celery_unique.job_replaced")
 
 #: Sent by the worker when a job takes its lock, before it runs. Sender: the task.
 #: Arguments: ``key`` (the lock's Redis key), ``task_id``, ``fence``.

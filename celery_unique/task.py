@@ -67,7 +67,9 @@ class UniqueTask(Task):  # type: ignore[misc]
     queueing_lock: LockSpec = None
     #: Limits ``queueing_lock=True`` to these parameter names (``[]``: one lock per task).
     unique_on: Sequence[str] | None = None
-    #: ``"raise"`` (:class:`AlreadyQueued`) or ``"existing"`` (the queued job's result).
+    #: ``"raise"`` (:class:`AlreadyQueued`), ``"existing"`` (the queued job's result) or
+    #: ``"replace"`` (the queued job is replaced: it ends ``REVOKED`` with
+    #: :class:`Replaced`, and the new one is queued; a task's option, not a call's).
     on_duplicate: str | None = None
     #: The queueing lock's lease in seconds; a countdown or eta is added to it.
     queueing_lock_timeout: float | None = None
@@ -123,6 +125,7 @@ class UniqueTask(Task):  # type: ignore[misc]
         # Resolved once, as Celery resolves its own task settings (``from_config``) at
         # bind time: reading Celery's configuration costs more than the lock itself.
         cls._unique_defaults = Resolved.for_task(app, per_task)
+        cls._unique_defaults.check_replace(cls._unique_defaults, cls.name)
         app_state(app).stale = True  # the settings may have changed: read them again
         provider = setting(app, "unique_metrics")
         if provider is not False:
@@ -174,7 +177,9 @@ class UniqueTask(Task):  # type: ignore[misc]
             type(self).on_bound(self._get_app())
         if not per_call:
             return self._unique_queueing
-        self._unique_check_values(per_call, where=f"{self.name} (per call)")
+        where = f"{self.name} (per call)"
+        self._unique_check_values(per_call, where=where)
+        self._unique_defaults.with_call(per_call).check_replace(self._unique_defaults, where)
         return self._unique_spec(per_call, "queueing_lock")
 
     def _unique_spec(self, per_call: Mapping[str, Any], option: str) -> CompiledSpec | None:

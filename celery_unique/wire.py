@@ -62,6 +62,9 @@ class JobHeader(NamedTuple):
     #: asked for its lock, wall clock in ms; 0: not yet. Only measured (metrics), never
     #: decided on.
     placed_ms: int = 0
+    #: ``"r"``: the job may be replaced (its task's ``on_duplicate="replace"``): it asks at
+    #: its start whether it was.
+    replaceable: bool = False
 
     def to_header(self) -> dict[str, Any]:
         """The header's value (JSON-ready, short names: it travels with every message)."""
@@ -80,6 +83,8 @@ class JobHeader(NamedTuple):
             out.update(self.attempts)
         if self.placed_ms:
             out["p"] = self.placed_ms
+        if self.replaceable:
+            out["r"] = 1
         return out
 
     @classmethod
@@ -91,7 +96,7 @@ class JobHeader(NamedTuple):
                    Lock.of_header(value),
                    value.get("e"), value.get("k"),
                    {k: int(value[k]) for k in ATTEMPTS if k in value},
-                   int(value.get("p") or 0))
+                   int(value.get("p") or 0), bool(value.get("r")))
 
     @classmethod
     def of_request(cls, request: Any) -> JobHeader | None:

@@ -54,6 +54,19 @@ def publish_forever(app: Celery, prefix: str, lock: str | None = None) -> None:
         i += 1
 
 
+def replace_forever(app: Celery, doc: str) -> None:
+    """A publisher for the kill runs: one key, each call replacing the job queued before
+    it (``on_duplicate="replace"``), until killed."""
+    @app.task(base=UniqueTask, queueing_lock="{doc}", on_duplicate="replace",
+              name="tests.replacing", shared=False)
+    def replacing(doc: str, n: int) -> None: ...
+
+    i = 0
+    while True:
+        replacing.delay(doc, i)
+        i += 1
+
+
 class Cluster:
     """A real Redis Cluster of private servers: ``masters`` masters sharing the 16,384 slots
     in equal ranges, each with ``replicas`` replicas; the failure detection at

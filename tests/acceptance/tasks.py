@@ -438,3 +438,23 @@ def once_retry(self: Any, token: str, n: int = 0) -> int:
 def round_trips(run: str) -> str:
     """Both locks, on the worker's own queue: counted by test_round_trips."""
     return run
+
+
+@app.task(base=UniqueTask, queueing_lock="reindex_{run}", on_duplicate="replace",
+          name="acceptance.reindex")
+def reindex(run: str, version: int) -> int:
+    """Latest wins: one run per burst, with the last call's arguments."""
+    coord.rpush(f"runs:{run}", version)
+    return version
+
+
+@app.task(base=UniqueTask, queueing_lock="latest_{run}", on_duplicate="replace",
+          lock="latest_{run}", lock_timeout=LONG_LEASE, name="acceptance.latest")
+def latest(run: str, version: int, hold: bool = False) -> int:
+    """keepLastIfActive: one running (its lock held), one waiting with the newest
+    arguments (its queueing lock released when it starts: ``until="started"``)."""
+    coord.rpush(f"runs:{run}", version)
+    if hold:
+        coord.set(f"started:{run}", 1)
+        wait_go(run)
+    return version

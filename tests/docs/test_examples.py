@@ -281,3 +281,16 @@ def test_throttle(example: Any, unique: UniqueLocks) -> None:
         mod.send_digest.delay(7)
     [lock] = unique.locks()
     assert lock.ttl is not None and 3599 < lock.ttl <= 3600
+
+
+def test_replace(example: Any, unique: UniqueLocks, published: list[str]) -> None:
+    mod = example("replace")
+    first = mod.reindex.delay(7, 1)
+    second = mod.reindex.delay(7, 2)  # replaces the first: both are published
+    assert published == [mod.reindex.name] * 2
+    [lock] = unique.locks()
+    assert lock.value == "index_7" and lock.holders == (second.id,) != (first.id,)
+    unique.release_all()
+    unique.eager()
+    mod.reindex_latest.delay(7, 3)
+    assert services.done == [("index rebuilt", [7, 3])]

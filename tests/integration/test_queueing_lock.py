@@ -106,7 +106,7 @@ def test_release_is_owner_checked(redis_app: Celery) -> None:
     assert store.acquire_queueing_lock("k", "new", 60000)[0]  # ...and another took it
     assert store.release("k", "old") is False
     assert client(redis_app).get("k") == b"new"
-    assert store.acquire_queueing_lock("k", "other", 1000) == (
+    assert store.acquire_queueing_lock("k", "other", 1000)[:3] == (
         False, "new", pytest.approx(60000, abs=1000))
     assert store.release("k", "new") is True
 

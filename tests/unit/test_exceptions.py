@@ -12,6 +12,7 @@ from celery_unique import (
     ConfigurationError,
     KeyBuildError,
     LockStoreUnavailable,
+    Replaced,
 )
 
 
@@ -20,6 +21,7 @@ from celery_unique import (
     ConfigurationError("bad", option="on_duplicate", value="x", where="t"),
     KeyBuildError("bad key", task="t", option="queueing_lock"),
     LockStoreUnavailable("down", url="redis://x"),
+    Replaced.of("t", "k", "old", "new"),
     CeleryUniqueError(),
 ])
 def test_exceptions_pickle_with_context(exc: CeleryUniqueError) -> None:
@@ -29,6 +31,16 @@ def test_exceptions_pickle_with_context(exc: CeleryUniqueError) -> None:
     assert copy.context == exc.context
     for name, value in exc.context.items():
         assert getattr(copy, name) == value
+
+
+def test_a_replaced_jobs_error_keeps_its_context_through_a_json_result_backend() -> None:
+    from celery import Celery
+
+    backend = Celery(set_as_current=False, backend="cache+memory://").backend
+    exc = Replaced.of("t", "k", "old", "new")
+    copy = backend.exception_to_python(backend.prepare_exception(exc, "json"))
+    assert type(copy) is Replaced and str(copy) == str(exc)
+    assert (copy.key, copy.task_id, copy.replaced_by) == ("k", "old", "new")
 
 
 def test_hierarchy_and_defaults() -> None:

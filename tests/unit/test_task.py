@@ -354,22 +354,25 @@ class TestEager:
     def eager(self, app: Celery) -> None:
         app.conf.task_always_eager = True
 
+    @pytest.mark.parametrize("on_duplicate", ["raise", "replace"])
     @pytest.mark.parametrize("until", ["started", "finished"])
     @pytest.mark.parametrize("outcome", ["ok", "fail", "reject", "ignore", "retry"])
     def test_every_end_releases(
-        self, app: Celery, fake_redis: Any, until: str, outcome: str
+        self, app: Celery, fake_redis: Any, until: str, outcome: str, on_duplicate: str
     ) -> None:
         held: list[list[str]] = []
 
         @app.task(base=UniqueTask, bind=True, queueing_lock="k", queueing_lock_until=until,
-                  shared=False)
+                  on_duplicate=on_duplicate, shared=False)
         def t(self: Any, outcome: str) -> str:
             held.append(keys(fake_redis))
             return end_as(self, outcome)
 
         t.delay(outcome)
         # an eager retry runs again at once, in the caller: each run held what it should
-        assert held[0] == ([] if until == "started" else [qkey(t, "k")])
+        # (a job that may be replaced is marked as started: "finished" only)
+        assert held[0] == ([] if until == "started" else [qkey(t, "k")] if (
+            on_duplicate == "raise") else [qkey(t, "k"), qkey(t, "k") + ":replaced"])
         assert len(held) == (4 if outcome == "retry" else 1)
         assert keys(fake_redis) == []
 

@@ -51,3 +51,7 @@ def remove_stale_sessions() -> None:
 
 def send_digest(user_id: int) -> None:
     _did("digest sent", user_id)
+
+
+def rebuild_index(document_id: int, revision: int) -> None:
+    _did("index rebuilt", [document_id, revision])
