@@ -32,7 +32,7 @@ from kombu.serialization import dumps
 from kombu.utils import json as kombu_json
 
 from .exceptions import LockStoreUnavailable
-from .scripts import Duplicate, GatedProducer, GatedRouter, Taken, Woken
+from .scripts import Duplicate, GatedProducer, GatedRouter, Woken
 from .settings import safe_url
 from .signals import report_store_unavailable
 from .state import app_state
@@ -159,8 +159,9 @@ class Push:
             # Redis transport calls: a kombu that publishes some other way. The locks are
             # taken now, late rather than never, and it is said once.
             _warn_unpushed(app, task.name)
-            self._took(self.store.take_locks(self.task_id, self.queueing_key, self.ttl_ms,
-                                             self.line, "1" if self.replace else ""))
+            self.replaced = self.store.take_locks(
+                self.task_id, self.queueing_key, self.ttl_ms, self.line,
+                "1" if self.replace else "").check()
         return result
 
     def separate(self, app: Celery, publish: Publish, producer: Any,
@@ -234,7 +235,9 @@ class Push:
                 queueing_key=self.queueing_key, ttl_ms=self.ttl_ms,
                 line_base=self.line.base if self.line else None,
                 wait_ms=self.line.wait_ms if self.line else 0, replace=self.replace)
-        self._took(taken)
+        self.refused = not taken.taken
+        self.replaced = taken.check()
+        self.pushed = True
 
     def take(self, check: bool = True) -> None:
         """Take the locks with the store's own commands (kombu pushes the message);
@@ -242,14 +245,8 @@ class Push:
         taken = self.store.take_locks(self.task_id, self.queueing_key, self.ttl_ms, self.line,
                                       "1" if self.replace and check else "")
         if check:
-            self._took(taken)
-        self.pushed = True
-
-    def _took(self, taken: Taken) -> None:
-        """The queueing lock's reply: raise :class:`Duplicate` when it is held."""
-        self.refused = not taken.taken
-        taken.check()
-        self.replaced = taken.replaced
+            self.refused = not taken.taken
+            self.replaced = taken.check()
         self.pushed = True
 
 

@@ -71,10 +71,11 @@ class Taken(NamedTuple):
     replaced: str = ""
     replaced_pttl_ms: int = 0
 
-    def check(self) -> None:
-        """Raise :class:`Duplicate` unless the lock was taken."""
+    def check(self) -> str:
+        """Raise :class:`Duplicate` unless the lock was taken; return :attr:`replaced`."""
         if not self.taken:
             raise Duplicate(self.holder, self.pttl_ms)
+        return self.replaced
 
 
 class Place(NamedTuple):
@@ -1370,7 +1371,7 @@ class GatedRouter:
 
     __slots__ = ("_check", "_router")
 
-    def __init__(self, router: Any, check: Callable[[], None]) -> None:
+    def __init__(self, router: Any, check: Callable[[], object]) -> None:
         self._router, self._check = router, check
 
     def route(self, *args: Any, **kwargs: Any) -> Any:
