@@ -28,7 +28,7 @@ from celery.utils import uuid
 
 from . import signals as unique_signals
 from .broker import Push
-from .exceptions import AlreadyQueued, Replaced
+from .exceptions import AlreadyQueued, ConfigurationError, Replaced
 from .keys import CompiledSpec
 from .scripts import Duplicate
 from .settings import Resolved
@@ -78,6 +78,8 @@ class Enqueue:
                                job.policy)
         key, lock = header.queueing_key, header.lock
         headers = options.get("headers") or {}
+        if values.debounce is not None and key is not None and not job.running:
+            self._debounce(key, values, options)
         wait = wait_seconds(options.get("countdown"), options.get("eta"))
         retried = JobHeader.from_header(headers.get(HEADER)) if (
             job.running and options.get("retries")) else None
@@ -117,6 +119,20 @@ class Enqueue:
         if push.replaced:
             self._replaced(key or "", push.replaced)
         return result
+
+    def _debounce(self, key: str, values: Resolved, options: dict[str, Any]) -> None:
+        """A debounced call's countdown: ``debounce``, cut so that the burst's first call
+        waits at most ``debounce_max``."""
+        if options.get("countdown") is not None or options.get("eta") is not None:
+            raise ConfigurationError(
+                f"{self.job.sender.name}: a debounced job's start is set by debounce; it"
+                " takes no countdown or eta", option="debounce", value=values.debounce)
+        delay = float(values.debounce or 0)
+        if values.debounce_max is not None:
+            lease = int((values.queueing_lock_timeout + delay) * 1000)
+            lasted = self.store.burst(key, lease) / 1000
+            delay = max(0.0, min(delay, values.debounce_max - lasted))
+        options["countdown"] = delay
 
     def _replaced(self, key: str, old: str) -> None:
         """This job took the queueing lock from the job ``old``, replaced: ``old`` will not

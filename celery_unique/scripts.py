@@ -200,6 +200,9 @@ end
 #: :data:`STARTED_FIELD`, the holder that has started (``until="finished"``): it is not
 #: replaced. The hash lives as long as the longest lease it has seen.
 STARTED_FIELD = ":started"
+#: The field of the replaced jobs' hash holding when the key's burst of debounced calls
+#: began (ms, the server's clock); removed when the burst's job starts.
+BURST_FIELD = ":burst"
 
 _TAKE_QUEUEING_FUNCTION = f"""
 local function take_queueing(key, replaced, token, lease, mark)
@@ -377,6 +380,7 @@ class Scripts:
         self._release_queueing = register(self.RELEASE_QUEUEING_LOCK)
         self._restore_queueing = register(self.RESTORE_QUEUEING_LOCK)
         self._started = register(self.STARTED)
+        self._burst = register(self.BURST)
         self._push = register(self.PUSH_WITH_LOCKS)  # run on kombu's client, not ours
         self._enter_line = register(self.ENTER_LINE)
         self._acquire_lock = register(self.ACQUIRE_LOCK)
@@ -485,6 +489,7 @@ class Scripts:
     if redis.call('GET', KEYS[1]) ~= token then return 0 end
     if ARGV[2] == 'started' then
       redis.call('DEL', KEYS[2])
+      redis.call('HDEL', KEYS[3], '""" + BURST_FIELD + """')
       return redis.call('DEL', KEYS[1])
     end
     redis.call('HSET', KEYS[3], '""" + STARTED_FIELD + """', token)
@@ -501,6 +506,25 @@ class Scripts:
         if isinstance(reply, list):
             return Started(text(reply[0]), False)
         return Started("", bool(reply))
+
+    #: A debounced call asks how long its key's burst of calls has lasted. KEYS: the
+    #: queueing lock's key, its replaced jobs. ARGV: the call's lease (ms), which the hash
+    #: is kept at least. Returns the ms since the burst's first call; 0 when the key is
+    #: free: this call begins a burst (its start is written, server clock).
+    BURST = """
+    local clock = redis.call('TIME')
+    local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+    local first = redis.call('EXISTS', KEYS[1]) == 1 and
+                  redis.call('HGET', KEYS[2], '""" + BURST_FIELD + """')
+    if first then return now - tonumber(first) end
+    redis.call('HSET', KEYS[2], '""" + BURST_FIELD + """', now)
+    redis.call('PEXPIRE', KEYS[2], math.max(redis.call('PTTL', KEYS[2]), tonumber(ARGV[1])))
+    return 0
+    """
+
+    def burst(self, key: str, lease_ms: int) -> int:
+        """:data:`BURST`: ms since the first call of the burst on ``key`` (0: it begins)."""
+        return int(self._run(self._burst, [key, replaced_key(key)], [lease_ms]))
 
     #: A message off the atomic path was published: the short leases of its locks become
     #: full ones. KEYS: the queueing lock's key and its publishing mark (removed) when

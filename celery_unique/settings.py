@@ -41,6 +41,10 @@ DEFAULTS: dict[str, Any] = {
     # Where the lock cannot be written with the message (another broker, another store):
     # the queueing lock's lease until the broker has the message, then its full timeout.
     "unique_publish_lease": 10.0,
+    # Debounce (seconds, None: off): each call replaces the queued job and puts its start
+    # off to this long after the last call; and at most this long after a burst's first.
+    "unique_debounce": None,
+    "unique_debounce_max": None,
     # Metrics through OpenTelemetry (celery-unique[metrics]): True (the global meter
     # provider), a MeterProvider, or a callable making one (called once in each process:
     # a prefork worker's pool processes each make their own); off by default, and then
@@ -62,6 +66,8 @@ class UniqueOptions(TypedDict, total=False):
     lock_limit: int
     lock_timeout: float
     on_store_error: str
+    debounce: float | None
+    debounce_max: float | None
 
 
 #: Options taken out of ``apply_async``'s keyword arguments.
@@ -83,6 +89,8 @@ class Resolved:
     lock_timeout: float = DEFAULTS["unique_lock_timeout"]
     on_store_error: str = DEFAULTS["unique_on_store_error"]
     publish_lease: float = DEFAULTS["unique_publish_lease"]  #: a setting only
+    debounce: float | None = None
+    debounce_max: float | None = None
 
     @classmethod
     def for_task(cls, app: Celery, per_task: Mapping[str, Any]) -> Resolved:
@@ -116,8 +124,8 @@ class Resolved:
 
     @property
     def replaces(self) -> bool:
-        """Whether a duplicate replaces the job it finds queued."""
-        return self.on_duplicate == "replace"
+        """Whether a duplicate replaces the job it finds queued (debounce does too)."""
+        return self.on_duplicate == "replace" or self.debounce is not None
 
     def check_replace(self, task_default: Resolved, where: str) -> None:
         """``on_duplicate="replace"`` is the task's, not a call's: every job of the task
@@ -132,6 +140,25 @@ class Resolved:
                 f"{where}: on_duplicate='replace' with queueing_lock_until='expired' (a"
                 " throttle): a replacing job would start the throttle's period again",
                 option="on_duplicate", value=self.on_duplicate, where=where)
+        self._check_debounce(where)
+
+    def _check_debounce(self, where: str) -> None:
+        if self.debounce is None:
+            if self.debounce_max is not None:
+                raise ConfigurationError(f"{where}: debounce_max without debounce",
+                                         option="debounce_max", where=where)
+            return
+        if self.queueing_lock_until != "started":
+            raise ConfigurationError(
+                f"{where}: debounce needs queueing_lock_until='started' (got"
+                f" {self.queueing_lock_until!r}): a call while the job runs starts a new"
+                " burst", option="queueing_lock_until", value=self.queueing_lock_until,
+                where=where)
+        if self.debounce_max is not None and self.debounce_max < self.debounce:
+            raise ConfigurationError(
+                f"{where}: debounce_max ({self.debounce_max} s) is shorter than debounce"
+                f" ({self.debounce} s)", option="debounce_max", value=self.debounce_max,
+                where=where)
 
     def lock(self, task_name: str, spec: CompiledSpec, args: Sequence[Any],
              kwargs: Mapping[str, Any]) -> Lock:
@@ -187,7 +214,8 @@ def safe_url(url: str) -> str:
 #: collection, a loaded machine or a slow round trip can delay by tenths of a second:
 #: below half a second, renewals would come too late to keep the lock (jobs would
 #: overlap) while costing several calls a second per job.
-FLOORS = {"queueing_lock_timeout": 0.001, "lock_timeout": 0.5,
+FLOORS = {"queueing_lock_timeout": 0.001, "lock_timeout": 0.5, "debounce": 0.001,
+          "debounce_max": 0.001,
           # Below a second, a publish slowed by a loaded machine or one reconnect could
           # outlast it, and a duplicate be queued beside a job still being published.
           "publish_lease": 1.0}
@@ -247,6 +275,9 @@ def check_settings(app: Celery) -> None:
                  option="unique_on_store_error", where=where)
     check_timeout(setting(app, "unique_publish_lease"), option="unique_publish_lease",
                   where=where)
+    for name in ("unique_debounce", "unique_debounce_max"):
+        if setting(app, name) is not None:
+            check_timeout(setting(app, name), option=name, where=where)
     cluster = setting(app, "unique_redis_cluster")
     if not isinstance(cluster, bool):
         raise ConfigurationError(

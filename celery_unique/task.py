@@ -50,7 +50,7 @@ from .wire import HEADER, JobHeader
 __all__ = ["HEADER", "UniqueTask"]
 
 _VALUE_OPTIONS = ("on_duplicate", "queueing_lock_timeout", "queueing_lock_until", "on_locked",
-                  "lock_timeout", "on_store_error", "lock_limit")
+                  "lock_timeout", "on_store_error", "lock_limit", "debounce", "debounce_max")
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,12 @@ class UniqueTask(Task):  # type: ignore[misc]
     lock_limit: int | None = None
     #: The lock's lease in seconds, renewed every third of it while the job runs.
     lock_timeout: float | None = None
+    #: Debounce (seconds): each call replaces the queued job (as ``on_duplicate="replace"``)
+    #: and puts its start off to this long after the last call: one run per burst, with
+    #: its last call's arguments. Needs a ``queueing_lock``.
+    debounce: float | None = None
+    #: The longest a burst may put the run off, from its first call (None: no limit).
+    debounce_max: float | None = None
     #: When the lock store cannot be reached: ``"raise"`` (the caller gets
     #: :class:`LockStoreUnavailable`; a worker re-queues the job until the store answers)
     #: or ``"allow"`` (published, or run, without the lock, and said).
@@ -126,6 +132,9 @@ class UniqueTask(Task):  # type: ignore[misc]
         # bind time: reading Celery's configuration costs more than the lock itself.
         cls._unique_defaults = Resolved.for_task(app, per_task)
         cls._unique_defaults.check_replace(cls._unique_defaults, cls.name)
+        if cls._unique_defaults.debounce is not None and cls._unique_queueing is None:
+            raise ConfigurationError(f"{cls.name}: debounce needs a queueing_lock",
+                                     option="debounce", where=cls.name)
         app_state(app).stale = True  # the settings may have changed: read them again
         provider = setting(app, "unique_metrics")
         if provider is not False:
@@ -146,8 +155,7 @@ class UniqueTask(Task):  # type: ignore[misc]
     def _unique_check_values(options: Mapping[str, Any], *, where: str) -> None:
         choices = {"on_duplicate": ON_DUPLICATE, "queueing_lock_until": UNTIL,
                    "on_locked": ON_LOCKED, "on_store_error": ON_STORE_ERROR}
-        for option in ("queueing_lock_timeout", "on_duplicate", "queueing_lock_until",
-                       "on_locked", "on_store_error", "lock_timeout", "lock_limit"):
+        for option in _VALUE_OPTIONS:
             value = options.get(option)
             if value is None:
                 continue

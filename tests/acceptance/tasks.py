@@ -458,3 +458,11 @@ def latest(run: str, version: int, hold: bool = False) -> int:
         coord.set(f"started:{run}", 1)
         wait_go(run)
     return version
+
+
+@app.task(base=UniqueTask, queueing_lock="debounce_{run}", debounce=0.5, debounce_max=1.5,
+          name="acceptance.debounced")
+def debounced(run: str, version: int) -> int:
+    """Once per burst of calls, 0.5 s after the last, at most 1.5 s after the first."""
+    coord.rpush(f"runs:{run}", json.dumps([version, time.time()]))
+    return version

@@ -93,3 +93,48 @@ def test_one_running_and_one_waiting_with_the_newest_arguments(
     wait_for(lambda: not store.exists(k, replaced_key(k), f"{base}:holders"), timeout=10,
              what="every lock to be released")
     assert not store.exists(f"{base}:line", f"{base}:parked", f"{base}:arrival")
+
+
+def test_debounce_runs_once_per_burst_with_its_last_arguments(
+    tasks: Any, store: redis.Redis, coord: redis.Redis
+) -> None:
+    """``debounce=0.5, debounce_max=1.5``. A burst of 5 calls 0.1 s apart runs once, with
+    the 5th call's arguments, no sooner than 0.5 s after it. A burst of 30 calls 0.1 s
+    apart (3 s) runs every time it has lasted 1.5 s: the job starts then, and the calls
+    after its start begin a new burst; runs come in call order, the last with the last
+    call's arguments, none later than 1.5 s (and the worker's latency) after its
+    burst's first call."""
+    import json
+    import time
+
+    run, tolerance = uuid.uuid4().hex[:12], 1.0
+    calls: list[float] = []  # when each call was made, by version
+
+    def burst(versions: range) -> None:
+        for version in versions:
+            calls.append(time.time())
+            tasks.debounced.delay(run, version)
+            time.sleep(0.1)  # the callers' pace: the scenario itself, not a wait
+
+    def runs() -> list[tuple[int, float]]:
+        return [tuple(json.loads(r)) for r in coord.lrange(f"runs:{run}", 0, -1)]
+
+    burst(range(5))
+    wait_for(lambda: runs(), timeout=10, what="the first burst's run")
+    (version, started), = runs()
+    assert version == 4
+    assert calls[4] + 0.5 <= started <= calls[0] + 1.5 + tolerance
+    burst(range(5, 35))
+    wait_for(lambda: runs()[-1][0] == 34, timeout=10, what="the second burst's last run")
+    second = runs()[1:]
+    assert [v for v, _ in second] == sorted({v for v, _ in second})
+    assert 2 <= len(second) <= 4, second
+    previous = started
+    for version, started in second:
+        began = min(t for t in calls[5:] if t > previous)
+        assert started <= began + 1.5 + tolerance, (version, started - began)
+        previous = started
+    k = key("debounced", f"debounce_{run}")
+    wait_for(lambda: not store.exists(k, replaced_key(k)), timeout=10,
+             what="every replaced job to be dropped")
+    assert len(runs()) == 1 + len(second)

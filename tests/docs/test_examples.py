@@ -294,3 +294,13 @@ def test_replace(example: Any, unique: UniqueLocks, published: list[str]) -> Non
     unique.eager()
     mod.reindex_latest.delay(7, 3)
     assert services.done == [("index rebuilt", [7, 3])]
+
+
+def test_debounce(example: Any, unique: UniqueLocks, published: list[str]) -> None:
+    mod = example("debounce")
+    first = mod.autosave.delay(7, "Hel")
+    second = mod.autosave.delay(7, "Hello")  # the burst goes on: it replaces the first
+    assert published == [mod.autosave.name] * 2
+    [lock] = unique.locks()
+    assert lock.holders == (second.id,) != (first.id,)
+    assert 0 < (lock.ttl or 0) - 3600 <= 2  # the countdown is added to its lease

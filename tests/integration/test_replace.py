@@ -50,8 +50,8 @@ def queued_ids(app: Celery) -> list[str]:
 
 
 def index_task(app: Celery, **options: Any) -> Any:
-    @app.task(base=UniqueTask, queueing_lock="doc_{doc}", on_duplicate="replace",
-              shared=False, **options)
+    @app.task(base=UniqueTask, shared=False,
+              **{"queueing_lock": "doc_{doc}", "on_duplicate": "replace", **options})
     def index(doc: int, version: Any) -> None: ...
 
     return index
@@ -225,3 +225,69 @@ def test_a_killed_replacing_publisher_never_loses_the_burst(
         assert runs == [ids[-1]]
     print(f"replace, 20 kills ({'atomic' if store_db == 2 else 'separate'}):"
           f" {len(ids)} published, {len(runs)} run, {len(runs) - 1} second runs")
+
+
+def queued_etas(app: Celery) -> list[float]:
+    """The queued messages' ETAs, as seconds from now (0: none, due at once)."""
+    import datetime
+    import json
+
+    broker = redis.Redis.from_url(app.conf.broker_url)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    etas = [json.loads(m)["headers"]["eta"]
+            for m in reversed(broker.lrange(app.conf.task_default_queue, 0, -1))]
+    return [0.0 if eta is None else (datetime.datetime.fromisoformat(eta) - now
+                                     ).total_seconds() for eta in etas]
+
+
+def test_debounce_puts_the_run_off_within_the_bursts_limit(app: Celery) -> None:
+    """``debounce``: each call replaces the queued job and is due ``debounce`` from now,
+    but never later than ``debounce_max`` after the burst's first call (the store's
+    clock); once the burst's job has started, the next call begins a new burst."""
+    index = index_task(app, name="debounced", debounce=30, debounce_max=60)
+    key = f"celery_unique:q:{{{index.name}:doc_1}}"
+    a = index.delay(1, 1)
+    b = index.delay(1, 2)
+    assert a.state == "REVOKED" and queued_ids(app) == [a.id, b.id]
+    assert all(29 < eta <= 30 for eta in queued_etas(app))
+    # The burst began 50 s ago: 10 s are left of its 60.
+    client = store_client(app)
+    began = int(client.hget(replaced_key(key), ":burst"))
+    client.hset(replaced_key(key), ":burst", began - 50_000)
+    c = index.delay(1, 3)
+    assert 9 < queued_etas(app)[-1] <= 10
+    client.hset(replaced_key(key), ":burst", began - 70_000)  # over: due at once
+    d = index.delay(1, 4)
+    assert queued_etas(app)[-1] == 0
+    assert 3599_000 < client.pttl(key) <= 3600_000  # no countdown added to its lease
+    store = get_store(app)
+    for job in (a, b, c):
+        assert store.started(key, job.id, "started").replaced_by
+    assert store.started(key, d.id, "started") == Started("", True)
+    assert not client.exists(key, replaced_key(key))  # the burst's mark went with it
+    index.delay(1, 5)  # a new burst
+    assert 29 < queued_etas(app)[-1] <= 30
+
+
+def test_debounce_options_are_checked(app: Celery) -> None:
+    @app.task(base=UniqueTask, queueing_lock="doc_{doc}", shared=False)
+    def plain(doc: int) -> None: ...
+
+    debounced = index_task(app, name="debounced_checks", debounce=1)
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"debounce": 1, "queueing_lock": None}, "needs a queueing_lock"),
+        ({"debounce": 1, "queueing_lock_until": "finished"}, "queueing_lock_until='started'"),
+        ({"debounce": 2, "debounce_max": 1}, "shorter than debounce"),
+        ({"debounce_max": 1}, "debounce_max without debounce"),
+        ({"debounce": -1}, "positive number of seconds"),
+    ]
+    for n, (options, message) in enumerate(bad):
+        with pytest.raises(ConfigurationError, match=message):
+            index_task(app, name=f"bad{n}", **{"on_duplicate": "raise", **options}
+                       ).delay(1, 1)
+    with pytest.raises(ConfigurationError, match="not per call"):
+        plain.apply_async((1,), debounce=1)
+    with pytest.raises(ConfigurationError, match="takes no countdown"):
+        debounced.apply_async((1, 1), countdown=5)
+    assert queued_ids(app) == []
+    assert not store_client(app).keys("celery_unique:*")

@@ -55,3 +55,7 @@ def send_digest(user_id: int) -> None:
 
 def rebuild_index(document_id: int, revision: int) -> None:
     _did("index rebuilt", [document_id, revision])
+
+
+def save_draft(document_id: int, text: str) -> None:
+    _did("draft saved", [document_id, text])
