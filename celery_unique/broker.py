@@ -87,21 +87,37 @@ class Push:
     message is published (then ``ttl_ms``), so that a caller dying in between leaves a
     lock that frees itself soon; 0: ``ttl_ms`` from the start. ``replace``: the queueing
     lock is taken from a holder that has not started, which is then replaced
-    (:attr:`replaced` names it once published).
+    (:attr:`replaced` names it once published). ``lock_check``: nothing is published
+    while this execution lock is held (``lock_check_at_enqueue``).
     """
 
-    __slots__ = ("capture", "captured", "line", "publish_ms", "pushed", "queueing_key",
-                 "refused", "replace", "replaced", "store", "task_id", "ttl_ms")
+    __slots__ = (
+        "capture",
+        "captured",
+        "line",
+        "lock_check",
+        "publish_ms",
+        "pushed",
+        "queueing_key",
+        "refused",
+        "replace",
+        "replaced",
+        "store",
+        "task_id",
+        "ttl_ms",
+    )
 
     def __init__(self, store: Store, task_id: str, queueing_key: str | None = None,
                  ttl_ms: int = 0, line: Lock | None = None, capture: bool = False,
-                 publish_ms: int = 0, replace: bool = False) -> None:
+                 publish_ms: int = 0, replace: bool = False, lock_check: Lock | None = None
+                 ) -> None:
         self.store, self.task_id = store, task_id
         self.queueing_key, self.ttl_ms, self.line = queueing_key, ttl_ms, line
         self.capture, self.publish_ms, self.replace = capture, publish_ms, replace
         self.captured: str | None = None
         self.pushed = self.refused = False
         self.replaced = ""
+        self.lock_check = lock_check
 
     def publish(self, app: Celery, publish: Publish, producer: Any, options: dict[str, Any],
                 *, eager: bool, held: bool, task: Task, on_store_error: str) -> AsyncResult:
@@ -161,7 +177,7 @@ class Push:
             _warn_unpushed(app, task.name)
             self.replaced = self.store.take_locks(
                 self.task_id, self.queueing_key, self.ttl_ms, self.line,
-                "1" if self.replace else "").check()
+                "1" if self.replace else "", self.lock_check).check()
         return result
 
     def separate(self, app: Celery, publish: Publish, producer: Any,
@@ -173,7 +189,8 @@ class Push:
         ``connection`` of the caller's). Eager mode runs the job in the caller, without
         routing or producer: the reply is read first."""
         locks = self.store.reserve(self.task_id, self.queueing_key, self.ttl_ms, self.line,
-                                   publish_ms=self.publish_ms, now=eager, replace=self.replace)
+                                   publish_ms=self.publish_ms, now=eager, replace=self.replace,
+                                   lock_check=self.lock_check)
         woken: list[Woken] = []
         try:
             if eager:
@@ -234,7 +251,8 @@ class Push:
                 client, channel, queue=key, message=_dumps(message), token=self.task_id,
                 queueing_key=self.queueing_key, ttl_ms=self.ttl_ms,
                 line_base=self.line.base if self.line else None,
-                wait_ms=self.line.wait_ms if self.line else 0, replace=self.replace)
+                wait_ms=self.line.wait_ms if self.line else 0, replace=self.replace,
+                lock_check=self.lock_check)
         self.refused = not taken.taken
         self.replaced = taken.check()
         self.pushed = True
@@ -243,7 +261,8 @@ class Push:
         """Take the locks with the store's own commands (kombu pushes the message);
         ``check``: raise :class:`Duplicate` when the queueing lock is held."""
         taken = self.store.take_locks(self.task_id, self.queueing_key, self.ttl_ms, self.line,
-                                      "1" if self.replace and check else "")
+                                      "1" if self.replace and check else "",
+                                      self.lock_check if check else None)
         if check:
             self.refused = not taken.taken
             self.replaced = taken.check()

@@ -77,25 +77,51 @@ class Enqueue:
         header = values.header(job.sender.name, job.queueing, job.lock, job.args, job.kwargs,
                                job.policy)
         key, lock = header.queueing_key, header.lock
-        headers = options.get("headers") or {}
-        if values.debounce is not None and key is not None and not job.running:
-            self._debounce(key, values, options)
-        wait = wait_seconds(options.get("countdown"), options.get("eta"))
-        retried = JobHeader.from_header(headers.get(HEADER)) if (
+        retried = self._retry(publish, options) if (
             job.running and options.get("retries")) else None
         if retried is not None:
-            # A retry re-publishes the running job under its own id: it re-enters the
-            # queue, so it takes its queueing lock again. It is published whatever the
-            # answer: a retry is never dropped because another job took the lock meanwhile.
-            # A throttle's lock ("expired") keeps the lease it was given at enqueue.
-            if retried.queueing_key and retried.until != "expired":
-                Push(self.store, self.task_id, retried.queueing_key,
-                     retried.lease_ms + int(1000 * wait)).take(check=False)
-                self.state.metrics.queued(job.sender)
-            return publish(self.task_id)
+            return retried
         if key is None and lock is None:
             return publish(self.task_id)
+        if values.debounce is not None and key is not None and not job.running:
+            self._debounce(key, values, options)
         eager = bool(self.app.conf.task_always_eager)
+        push = self._push(header, eager, options)
+        held = key is not None and key in self.state.held_keys
+        try:
+            result = push.publish(self.app, publish, producer, options, eager=eager, held=held,
+                                  task=job.sender, on_store_error=values.on_store_error)
+        except Duplicate as duplicate:
+            if duplicate.running:
+                return self._duplicate(lock.base if lock else "", duplicate, options)
+            self.state.remember_held(key or "")
+            return self._duplicate(key or "", duplicate, options)
+        if held:
+            self.state.held_keys.pop(key or "", None)
+        if push.replaced:
+            self._replaced(key or "", push.replaced)
+        return result
+
+    def _retry(self, publish: Publish, options: dict[str, Any]) -> AsyncResult | None:
+        """A retry re-publishes the running job under its own id (None: not a job of
+        ours): it re-enters the queue, so it takes its queueing lock again. It is
+        published whatever the answer: a retry is never dropped because another job took
+        the lock meanwhile. A throttle's lock ("expired") keeps the lease it was given at
+        enqueue."""
+        retried = JobHeader.from_header((options.get("headers") or {}).get(HEADER))
+        if retried is None:
+            return None
+        if retried.queueing_key and retried.until != "expired":
+            wait = wait_seconds(options.get("countdown"), options.get("eta"))
+            Push(self.store, self.task_id, retried.queueing_key,
+                 retried.lease_ms + int(1000 * wait)).take(check=False)
+            self.state.metrics.queued(self.job.sender)
+        return publish(self.task_id)
+
+    def _push(self, header: JobHeader, eager: bool, options: dict[str, Any]) -> Push:
+        """The job's locks to take with its publish; its header set in ``options``."""
+        values, lock = self.job.values, header.lock
+        wait = wait_seconds(options.get("countdown"), options.get("eta"))
         # "order": the job's place in line is its creation order, taken now. A job with a
         # countdown or eta, or run eagerly in line in the caller, takes its place when it
         # starts.
@@ -104,21 +130,14 @@ class Enqueue:
         value = header.to_header()
         if line is not None:
             set_placed(value, now_ms())  # when it took its place: the wait is measured
-        options["headers"] = {**headers, HEADER: value}
-        push = Push(self.store, self.task_id, key, header.lease_ms + int(1000 * wait), line,
-                    publish_ms=int(values.publish_lease * 1000), replace=values.replaces)
-        held = key is not None and key in self.state.held_keys
-        try:
-            result = push.publish(self.app, publish, producer, options, eager=eager, held=held,
-                                  task=job.sender, on_store_error=values.on_store_error)
-        except Duplicate as duplicate:
-            self.state.remember_held(key or "")
-            return self._duplicate(key or "", duplicate, options)
-        if held:
-            self.state.held_keys.pop(key or "", None)
-        if push.replaced:
-            self._replaced(key or "", push.replaced)
-        return result
+        options["headers"] = {**(options.get("headers") or {}), HEADER: value}
+        # que-locks' preemptive check: a job that would be skipped is not queued.
+        check = lock if lock is not None and lock.mode == "skip" and (
+            values.lock_check_at_enqueue) else None
+        return Push(self.store, self.task_id, header.queueing_key,
+                    header.lease_ms + int(1000 * wait), line,
+                    publish_ms=int(values.publish_lease * 1000), replace=values.replaces,
+                    lock_check=check)
 
     def _debounce(self, key: str, values: Resolved, options: dict[str, Any]) -> None:
         """A debounced call's countdown: ``debounce``, cut so that the burst's first call
@@ -173,6 +192,8 @@ class Enqueue:
         self.state.metrics.refused(task, action)
         if action == "raised":
             raise job.refuse(
+                f"{task.name}: a job is already running under the lock {key} (task id"
+                f" {holder}, lease left {ttl:.1f}s)" if duplicate.running else
                 f"{task.name}: a job is already queued under {key} (task id {holder},"
                 f" lock expires in {ttl:.1f}s)",
                 key=key, task_id=holder, ttl=ttl, task_name=task.name)

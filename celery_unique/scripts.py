@@ -48,8 +48,14 @@ def text(value: Any) -> str:
 class Duplicate(Exception):
     """Internal: the queueing lock is held by another job; never leaves apply_async.
 
-    ``Duplicate(holder, pttl)``: the holder's token and its lease left (ms).
+    ``Duplicate(holder, pttl, running)``: the holder's token and its lease left (ms);
+    ``running``: the job's execution lock is held by the running ``holder``
+    (``lock_check_at_enqueue``), not its queueing lock.
     """
+
+    @property
+    def running(self) -> bool:
+        return len(self.args) > 2 and bool(self.args[2])
 
     @property
     def holder(self) -> str:
@@ -70,11 +76,14 @@ class Taken(NamedTuple):
     #: ``""``; and that job's lease left then.
     replaced: str = ""
     replaced_pttl_ms: int = 0
+    #: Refused because the job's execution lock is held by ``holder``, running
+    #: (``lock_check_at_enqueue``); nothing was taken.
+    running: bool = False
 
     def check(self) -> str:
         """Raise :class:`Duplicate` unless the lock was taken; return :attr:`replaced`."""
         if not self.taken:
-            raise Duplicate(self.holder, self.pttl_ms)
+            raise Duplicate(self.holder, self.pttl_ms, self.running)
         return self.replaced
 
 
@@ -165,9 +174,9 @@ def _taken(token: str, ttl_ms: int) -> Callable[[Any], Taken]:
     def parse(reply: Any) -> Taken:
         if reply is None:
             return Taken(True, token, ttl_ms)
-        if len(reply) > 2:  # taken from a job it replaced
+        if len(reply) > 2 and reply[2] == b"r":  # taken from a job it replaced
             return Taken(True, token, ttl_ms, text(reply[0]), int(reply[1]))
-        return Taken(False, text(reply[0]), int(reply[1]))
+        return Taken(False, text(reply[0]), int(reply[1]), running=len(reply) > 2)
     return parse
 
 
@@ -216,10 +225,23 @@ local function take_queueing(key, replaced, token, lease, mark)
     redis.call('HSET', replaced, holder, mark)
     local keep = math.max(redis.call('PTTL', replaced), pttl, tonumber(lease))
     redis.call('PEXPIRE', replaced, keep)
-    out = {{holder, pttl, 1}}
+    out = {{holder, pttl, 'r'}}
   end
   redis.call('SET', key, token, 'PX', lease)
   return out
+end
+"""
+
+#: ``lock_check_at_enqueue``: whether the lock whose holders are ``holders`` is held by
+#: ``limit`` running jobs now: ``{a holder, its lease left, 'l'}``, else false.
+_LOCK_HELD_FUNCTION = """
+local function lock_held(holders, limit)
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  local live = redis.call('ZRANGEBYSCORE', holders, '(' .. now, '+inf', 'WITHSCORES',
+                          'LIMIT', 0, limit)
+  if #live < 2 * limit then return false end
+  return {live[1], tonumber(live[2]) - now, 'l'}
 end
 """
 
@@ -381,6 +403,7 @@ class Scripts:
         self._restore_queueing = register(self.RESTORE_QUEUEING_LOCK)
         self._started = register(self.STARTED)
         self._burst = register(self.BURST)
+        self._lock_held = register(self.LOCK_HELD)
         self._push = register(self.PUSH_WITH_LOCKS)  # run on kombu's client, not ours
         self._enter_line = register(self.ENTER_LINE)
         self._acquire_lock = register(self.ACQUIRE_LOCK)
@@ -411,12 +434,19 @@ class Scripts:
     #: lease in milliseconds; ARGV[3]: '1' to set the publishing mark with the same lease
     #: (the lock is not published yet); ARGV[4]: to replace a holder that has not started
     #: (``on_duplicate="replace"``), '1', or '?' when this job is published after (its
-    #: replacement is confirmed by :data:`PUBLISHED`).
+    #: replacement is confirmed by :data:`PUBLISHED`); ARGV[5]: the job's execution lock's
+    #: limit, to refuse the job while that many jobs hold it (``lock_check_at_enqueue``:
+    #: KEYS[4], its holders).
     #: Returns nil when taken, or already held by this owner (its lease is renewed: a retry
-    #: re-takes its own lock); ``{replaced holder, its PTTL, 1}`` when taken from a holder
-    #: it replaced; else ``{holder's token, holder's PTTL in ms}``. (nil is the cheapest
-    #: reply to parse, and acceptance is the hot path.)
-    ACQUIRE_QUEUEING_LOCK = _TAKE_QUEUEING_FUNCTION + """
+    #: re-takes its own lock); ``{replaced holder, its PTTL, 'r'}`` when taken from a holder
+    #: it replaced; ``{a running holder, its lease left, 'l'}`` when the execution lock is
+    #: held; else ``{holder's token, holder's PTTL in ms}``. (nil is the cheapest reply to
+    #: parse, and acceptance is the hot path.)
+    ACQUIRE_QUEUEING_LOCK = _TAKE_QUEUEING_FUNCTION + _LOCK_HELD_FUNCTION + """
+    if ARGV[5] and ARGV[5] ~= '' then
+      local held = lock_held(KEYS[4], tonumber(ARGV[5]))
+      if held then return held end
+    end
     local replace = ARGV[4] and ARGV[4] ~= '' and KEYS[3]
     local out = take_queueing(KEYS[1], replace, ARGV[1], ARGV[2],
                               ARGV[4] == '?' and '?' .. ARGV[1] or ARGV[1])
@@ -426,21 +456,26 @@ class Scripts:
     """
 
     def acquire_queueing_lock(self, key: str, token: str, ttl_ms: int, *,
-                              replace: str = "") -> Taken:
+                              replace: str = "", lock_check: Lock | None = None) -> Taken:
         """Take ``key`` for ``token`` (:data:`ACQUIRE_QUEUEING_LOCK`); ``replace``: from a
         holder that has not started, which is then replaced (``"1"``), or will be once
-        this job is published (``"?"``, :meth:`published`)."""
-        return self.send_acquire_queueing_lock(key, token, ttl_ms, now=True, replace=replace
-                                               ).result()
+        this job is published (``"?"``, :meth:`published`); ``lock_check``: not while
+        this execution lock is held."""
+        return self.send_acquire_queueing_lock(key, token, ttl_ms, now=True, replace=replace,
+                                               lock_check=lock_check).result()
 
     def send_acquire_queueing_lock(self, key: str, token: str, ttl_ms: int, *,
                                    now: bool = False, publishing: bool = False,
-                                   replace: str = "") -> Pending[Taken]:
+                                   replace: str = "", lock_check: Lock | None = None
+                                   ) -> Pending[Taken]:
         """:meth:`acquire_queueing_lock` sent now, its reply read later (``now``: read).
         ``publishing``: marked as not published yet, until :meth:`published`."""
-        if publishing or replace:
+        if publishing or replace or lock_check is not None:
             args = ([key, publishing_key(key), replaced_key(key)],
                     [token, ttl_ms, "1" if publishing else "", replace])
+            if lock_check is not None:  # a single server: its keys are in any slot
+                args[0].append(lock_keys(lock_check.base)[0])
+                args[1].append(lock_check.limit)
         else:  # the hot path
             args = [key], [token, ttl_ms]
         if now:
@@ -667,13 +702,18 @@ class Scripts:
     #: would push it; ARGV[2]: the owner's token (the job's task id); ARGV[3]: the queueing
     #: lock's lease in ms, or ''; ARGV[4]: the ms the job may take to reach a worker before
     #: its place in line is given up, or ''; ARGV[5]: '1' to replace a holder that has not
-    #: started (``on_duplicate="replace"``), or ''.
+    #: started (``on_duplicate="replace"``), or ''; ARGV[6] (optional): the execution
+    #: lock's limit, to push nothing while that many jobs hold it (KEYS' last: its holders).
     #: Returns nil when pushed (the queueing lock taken, or already held by this owner, as
-    #: ACQUIRE_QUEUEING_LOCK), ``{replaced holder, its PTTL, 1}`` when pushed after taking
-    #: the lock from a holder it replaced, else ``{holder's token, holder's PTTL}`` and
-    #: nothing is written.
-    PUSH_WITH_LOCKS = _ENTER_LINE_FUNCTION + _TAKE_QUEUEING_FUNCTION + """
+    #: ACQUIRE_QUEUEING_LOCK), ``{replaced holder, its PTTL, 'r'}`` when pushed after taking
+    #: the lock from a holder it replaced, else ``{holder's token, holder's PTTL}`` (or
+    #: ACQUIRE_QUEUEING_LOCK's ``'l'`` reply) and nothing is written.
+    PUSH_WITH_LOCKS = _ENTER_LINE_FUNCTION + _TAKE_QUEUEING_FUNCTION + _LOCK_HELD_FUNCTION + """
     local token, n, out = ARGV[2], 1, false
+    if ARGV[6] then
+      local held = lock_held(KEYS[#KEYS], tonumber(ARGV[6]))
+      if held then return held end
+    end
     if ARGV[3] ~= '' then
       local replace = ARGV[5] == '1'
       out = take_queueing(KEYS[2], replace and KEYS[3], token, ARGV[3], token)
@@ -687,7 +727,8 @@ class Scripts:
 
     def push_with_locks(self, client: Any, owner: Any, *, queue: str, message: str,
                         token: str, queueing_key: str | None, ttl_ms: int,
-                        line_base: str | None, wait_ms: int, replace: bool = False) -> Taken:
+                        line_base: str | None, wait_ms: int, replace: bool = False,
+                        lock_check: Lock | None = None) -> Taken:
         """Push ``message`` onto kombu's ``queue`` with its locks (:data:`PUSH_WITH_LOCKS`),
         on kombu's ``client`` (the broker's server, which is ours); ``owner`` keeps the
         connection between calls (see :func:`run_on`); ``replace``: take the queueing lock
@@ -702,6 +743,9 @@ class Scripts:
         if line_base is not None:
             keys.extend(line_keys(line_base))
             args[3] = str(wait_ms)
+        if lock_check is not None:
+            keys.append(lock_keys(lock_check.base)[0])
+            args.append(str(lock_check.limit))
         reply = run_on(client, self._pool_args, self._push, keys, args, owner)
         if reply is None:  # the hot path: no parser to build
             return Taken(True, token, ttl_ms)
@@ -728,21 +772,42 @@ class Scripts:
                     [token, wait_ms], _place)
 
     def take_locks(self, token: str, queueing_key: str | None, ttl_ms: int,
-                   line: Lock | None, replace: str = "") -> Taken:
+                   line: Lock | None, replace: str = "", lock_check: Lock | None = None
+                   ) -> Taken:
         """The locks of a message kombu pushes itself: the queueing lock (if any), then,
         when it was taken, the place in ``line`` (two round trips)."""
         taken = Taken(True, token, ttl_ms)
-        if queueing_key:
-            taken = self.acquire_queueing_lock(queueing_key, token, ttl_ms, replace=replace)
+        if queueing_key and not (self.cluster and lock_check is not None):
+            taken = self.acquire_queueing_lock(queueing_key, token, ttl_ms, replace=replace,
+                                               lock_check=lock_check)
+        elif lock_check is not None:
+            taken = self.send_lock_held(lock_check, token).result()
+            if taken.taken and queueing_key:
+                taken = self.acquire_queueing_lock(queueing_key, token, ttl_ms,
+                                                   replace=replace)
         if taken.taken and line is not None:
             self.enter_line(line.base, token, line.wait_ms)
         return taken
 
     def reserve(self, token: str, queueing_key: str | None, ttl_ms: int, line: Lock | None,
-                *, publish_ms: int = 0, now: bool = False, replace: bool = False
-                ) -> Reservation:
+                *, publish_ms: int = 0, now: bool = False, replace: bool = False,
+                lock_check: Lock | None = None) -> Reservation:
         """The locks of a message published after them, sent now (:class:`Reservation`)."""
-        return Reservation(self, token, queueing_key, ttl_ms, line, publish_ms, now, replace)
+        return Reservation(self, token, queueing_key, ttl_ms, line, publish_ms, now, replace,
+                           lock_check)
+
+    #: ``lock_check_at_enqueue`` on its own (no queueing lock, or a Cluster, where the
+    #: execution lock's keys are in another slot). KEYS[1]: the lock's holders. ARGV[1]:
+    #: its limit. Reads only: nil when a place is free, else ACQUIRE_QUEUEING_LOCK's
+    #: ``'l'`` reply.
+    LOCK_HELD = _LOCK_HELD_FUNCTION + """
+    return lock_held(KEYS[1], tonumber(ARGV[1]))
+    """
+
+    def send_lock_held(self, lock: Lock, token: str) -> Pending[Taken]:
+        """:data:`LOCK_HELD` sent now; its reply parses as a queueing lock's."""
+        return send(self.conns, self._call, self._lock_held, [lock_keys(lock.base)[0]],
+                    [lock.limit], _taken(token, 0))
 
     #: A job at a worker asks for its lock. KEYS: the prelude's; KEYS[8] (single server,
     #: optional): the job's queueing lock, released when the lock is taken.
@@ -1229,24 +1294,12 @@ class Reservation:
     trip overlaps its building; ``now``: read at once (eager mode: no router, no
     producer)."""
 
-    __slots__ = (
-        "_asked",
-        "_entered",
-        "_line",
-        "_publish_ms",
-        "_scripts",
-        "_sent",
-        "key",
-        "place_short",
-        "replaced",
-        "short",
-        "token",
-        "ttl_ms",
-    )
+    __slots__ = ("_asked", "_entered", "_held", "_line", "_publish_ms", "_scripts", "_sent",
+                 "key", "place_short", "replaced", "short", "token", "ttl_ms")
 
     def __init__(self, scripts: Scripts, token: str, key: str | None, ttl_ms: int,
-                 line: Lock | None, publish_ms: int, now: bool, replace: bool = False
-                 ) -> None:
+                 line: Lock | None, publish_ms: int, now: bool, replace: bool = False,
+                 lock_check: Lock | None = None) -> None:
         self._scripts, self.token, self.key, self.ttl_ms, self._line = (
             scripts, token, key, ttl_ms, line)
         #: On the short lease until :meth:`published` (unless the full one is shorter).
@@ -1259,15 +1312,24 @@ class Reservation:
         #: queueing lock from is replaced when this one is published, unless it started).
         self.replaced = ""
         self._asked = False  # whether the replacement was asked for
+        #: ``lock_check_at_enqueue`` in a command of its own, read first (where the
+        #: queueing lock's script cannot check it: no queueing lock, or a Cluster).
+        alone = lock_check is not None and (key is None or scripts.cluster)
+        self._held = scripts.send_lock_held(lock_check, token) if (
+            alone and lock_check is not None) else None
         self._sent = None if key is None else scripts.send_acquire_queueing_lock(
             key, token, publish_ms if self.short else ttl_ms, now=now, publishing=self.short,
-            replace="?" if replace else "")
+            replace="?" if replace else "", lock_check=None if alone else lock_check)
         if key is None:
             self._enter()
 
     def check(self) -> None:
         """Read the queueing lock's reply, raise :class:`Duplicate` when it is held, then
         send the place in line (once)."""
+        held = self._held.result() if self._held is not None else None
+        if held is not None and not held.taken:
+            self.undo()  # the queueing lock taken beside it (a Cluster)
+            held.check()
         if self._sent is not None:
             self._sent.result().check()
         if self._entered is None:

@@ -45,6 +45,8 @@ DEFAULTS: dict[str, Any] = {
     # off to this long after the last call; and at most this long after a burst's first.
     "unique_debounce": None,
     "unique_debounce_max": None,
+    # With on_locked="skip": a job whose lock is held now is not queued at all.
+    "unique_lock_check_at_enqueue": False,
     # Metrics through OpenTelemetry (celery-unique[metrics]): True (the global meter
     # provider), a MeterProvider, or a callable making one (called once in each process:
     # a prefork worker's pool processes each make their own); off by default, and then
@@ -68,6 +70,7 @@ class UniqueOptions(TypedDict, total=False):
     on_store_error: str
     debounce: float | None
     debounce_max: float | None
+    lock_check_at_enqueue: bool
 
 
 #: Options taken out of ``apply_async``'s keyword arguments.
@@ -91,6 +94,7 @@ class Resolved:
     publish_lease: float = DEFAULTS["unique_publish_lease"]  #: a setting only
     debounce: float | None = None
     debounce_max: float | None = None
+    lock_check_at_enqueue: bool = False
 
     @classmethod
     def for_task(cls, app: Celery, per_task: Mapping[str, Any]) -> Resolved:
@@ -249,6 +253,13 @@ def check_limit(value: Any, *, where: str) -> int:
     return value
 
 
+def check_bool(value: Any, *, option: str, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{where}: {option} must be True or False, got {value!r}",
+                                 option=option, value=value, where=where)
+    return value
+
+
 def check_choice(value: Any, choices: Sequence[str], *, option: str, where: str) -> str:
     if value not in choices:
         raise ConfigurationError(
@@ -261,23 +272,17 @@ def check_choice(value: Any, choices: Sequence[str], *, option: str, where: str)
 def check_settings(app: Celery) -> None:
     """Check the app-wide settings, so that a typo fails when tasks are created."""
     where = "Celery settings"
-    check_timeout(setting(app, "unique_queueing_lock_timeout"),
-                  option="unique_queueing_lock_timeout", where=where)
-    check_choice(setting(app, "unique_on_duplicate"), ON_DUPLICATE,
-                 option="unique_on_duplicate", where=where)
-    check_choice(setting(app, "unique_queueing_lock_until"), UNTIL,
-                 option="unique_queueing_lock_until", where=where)
-    check_timeout(setting(app, "unique_lock_timeout"), option="unique_lock_timeout",
-                  where=where)
-    check_choice(setting(app, "unique_on_locked"), ON_LOCKED, option="unique_on_locked",
-                 where=where)
-    check_choice(setting(app, "unique_on_store_error"), ON_STORE_ERROR,
-                 option="unique_on_store_error", where=where)
-    check_timeout(setting(app, "unique_publish_lease"), option="unique_publish_lease",
-                  where=where)
-    for name in ("unique_debounce", "unique_debounce_max"):
-        if setting(app, name) is not None:
+    for name, choices in (("unique_on_duplicate", ON_DUPLICATE),
+                          ("unique_queueing_lock_until", UNTIL),
+                          ("unique_on_locked", ON_LOCKED),
+                          ("unique_on_store_error", ON_STORE_ERROR)):
+        check_choice(setting(app, name), choices, option=name, where=where)
+    for name in ("unique_queueing_lock_timeout", "unique_lock_timeout",
+                 "unique_publish_lease", "unique_debounce", "unique_debounce_max"):
+        if setting(app, name) is not None:  # debounce: None is off
             check_timeout(setting(app, name), option=name, where=where)
+    check_bool(setting(app, "unique_lock_check_at_enqueue"),
+               option="unique_lock_check_at_enqueue", where=where)
     cluster = setting(app, "unique_redis_cluster")
     if not isinstance(cluster, bool):
         raise ConfigurationError(

@@ -37,6 +37,7 @@ from .settings import (
     ON_STORE_ERROR,
     UNTIL,
     Resolved,
+    check_bool,
     check_choice,
     check_limit,
     check_settings,
@@ -50,7 +51,8 @@ from .wire import HEADER, JobHeader
 __all__ = ["HEADER", "UniqueTask"]
 
 _VALUE_OPTIONS = ("on_duplicate", "queueing_lock_timeout", "queueing_lock_until", "on_locked",
-                  "lock_timeout", "on_store_error", "lock_limit", "debounce", "debounce_max")
+                  "lock_timeout", "on_store_error", "lock_limit", "debounce", "debounce_max",
+                  "lock_check_at_enqueue")
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,10 @@ class UniqueTask(Task):  # type: ignore[misc]
     lock_limit: int | None = None
     #: The lock's lease in seconds, renewed every third of it while the job runs.
     lock_timeout: float | None = None
+    #: With ``on_locked="skip"``: a job whose lock is held right now is not queued at all
+    #: (que-locks' preemptive check): refused as a duplicate (``on_duplicate``), the
+    #: running holder named.
+    lock_check_at_enqueue: bool | None = None
     #: Debounce (seconds): each call replaces the queued job (as ``on_duplicate="replace"``)
     #: and puts its start off to this long after the last call: one run per burst, with
     #: its last call's arguments. Needs a ``queueing_lock``.
@@ -161,6 +167,8 @@ class UniqueTask(Task):  # type: ignore[misc]
                 continue
             if option in choices:
                 check_choice(value, choices[option], option=option, where=where)
+            elif option == "lock_check_at_enqueue":
+                check_bool(value, option=option, where=where)
             elif option == "lock_limit":
                 check_limit(value, where=where)
             else:

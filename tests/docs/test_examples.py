@@ -304,3 +304,17 @@ def test_debounce(example: Any, unique: UniqueLocks, published: list[str]) -> No
     [lock] = unique.locks()
     assert lock.holders == (second.id,) != (first.id,)
     assert 0 < (lock.ttl or 0) - 3600 <= 2  # the countdown is added to its lease
+
+
+def test_lock_check(example: Any, unique: UniqueLocks, published: list[str]) -> None:
+    from celery_unique.store import store_of
+
+    mod = example("lock_check")
+    store = store_of(mod.app)
+    assert store.acquire_lock("celery_unique:l:{feed_u}", token="running", limit=1,
+                              lease_ms=60_000, mode="skip", wait_ms=0).fence
+    assert mod.refresh_feed.delay("u").id == "running"  # not queued: the running import's
+    assert published == []
+    unique.release_all()
+    mod.refresh_feed.delay("u")
+    assert published == [mod.refresh_feed.name]

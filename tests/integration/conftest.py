@@ -67,16 +67,33 @@ def _declared_beside(parsed: list[tuple[bool, list[bytes]]], i: int) -> set[byte
 
 class Monitor:
     """MONITOR on a raw socket, every line kept (redis-py's parser joins the arguments
-    with spaces, which a message's JSON holds too)."""
+    with spaces, which a message's JSON holds too). Some tests restart the server: the
+    monitor connects again, and goes on."""
 
     def __init__(self, port: int) -> None:
         self.lines: list[bytes] = []
-        self._sock = socket.create_connection(("127.0.0.1", port))
-        self._sock.sendall(b"MONITOR\r\n")
+        self._port = port
+        self._closed = threading.Event()
+        self._sock = self._connect()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self._port))
+        sock.sendall(b"MONITOR\r\n")
+        return sock
+
     def _read(self) -> None:
+        while not self._closed.is_set():
+            self._read_until_closed()
+            while not self._closed.is_set():
+                try:
+                    self._sock = self._connect()
+                    break
+                except OSError:  # restarting: try again shortly
+                    self._closed.wait(0.02)
+
+    def _read_until_closed(self) -> None:
         buffer = b""
         while True:
             try:
@@ -90,6 +107,7 @@ class Monitor:
             self.lines.extend(line[1:] for line in complete if line.startswith(b"+"))
 
     def close(self) -> None:
+        self._closed.set()
         self._sock.close()
         self._thread.join(5)
 
