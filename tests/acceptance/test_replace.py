@@ -131,7 +131,9 @@ def test_debounce_runs_once_per_burst_with_its_last_arguments(
     assert 2 <= len(second) <= 4, second
     previous = started
     for version, started in second:
-        began = min(t for t in calls[5:] if t > previous)
+        # The burst began with the first call after the previous job started (the
+        # job's own time is a little after its start: a call in between began it).
+        began = min((t for t in calls[5:] if t > previous), default=previous)
         assert started <= began + 1.5 + tolerance, (version, started - began)
         previous = started
     k = key("debounced", f"debounce_{run}")
