@@ -10,6 +10,7 @@ from .exceptions import (
     KeyBuildError,
     LockHeld,
     LockStoreUnavailable,
+    RateLimited,
     Replaced,
 )
 from .settings import UniqueOptions
@@ -23,6 +24,7 @@ __all__ = [
     "KeyBuildError",
     "LockHeld",
     "LockStoreUnavailable",
+    "RateLimited",
     "Replaced",
     "UniqueOptions",
     "UniqueTask",

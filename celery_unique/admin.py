@@ -30,7 +30,7 @@ from .wire import decode_parked
 
 __all__ = ["LockDetail", "LockInfo", "Waiting", "clear", "get_lock", "iter_locks", "release"]
 
-KINDS = ("queueing", "lock")
+KINDS = ("queueing", "lock", "rate")
 _SUFFIXES = tuple(f":{suffix}" for suffix in LOCK_KEY_SUFFIXES)
 _PAGE = 1000
 
@@ -40,7 +40,9 @@ class LockInfo:
     """One lock as Redis holds it now."""
 
     key: str  #: what :func:`get_lock` and :func:`release` take
-    kind: str  #: ``"queueing"`` or ``"lock"``
+    #: ``"queueing"``, ``"lock"`` or ``"rate"`` (a ``global_rate_limit``: its holders are
+    #: the starts of its period, its line the jobs waiting for one)
+    kind: str
     task: str | None  #: the task its key names (``None``: a lock on a shared resource)
     value: str  #: the rendered value (hashed values as stored: ``head~digest``)
     holders: tuple[str, ...]  #: the task ids holding it
@@ -60,7 +62,7 @@ class LockInfo:
         sweep, or :func:`release` with ``dead=True``, gives the lock on), ``"publishing"``
         (a queueing lock whose message is being published: on its short lease until
         then), ``"unknown"`` (a queueing lock's holder, queued or running)."""
-        if self.kind != "lock":
+        if self.kind == "queueing":
             return ("publishing" if self.publishing else "unknown",) * len(self.holders)
         return tuple("alive" if left > 0 else "lease expired" for left in self.leases)
 
@@ -69,7 +71,7 @@ class LockInfo:
         return {"key": self.key, "kind": self.kind, "task": self.task, "value": self.value,
                 "holders": list(self.holders), "ttl": self.ttl, "fence": self.fence,
                 "waiting": self.waiting, "status": list(self.holder_status()),
-                "lease_left": list(self.leases) if self.kind == "lock" else None}
+                "lease_left": None if self.kind == "queueing" else list(self.leases)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,14 +119,14 @@ def iter_locks(app: Celery, *, match: str | None = None, task: str | None = None
     """Every lock of ``app``'s store, a page at a time, in the order ``SCAN`` finds them.
 
     ``match``: a glob on the value or the key; ``task``: the task a key names;
-    ``kind``: ``"queueing"`` or ``"lock"``.
+    ``kind``: ``"queueing"``, ``"lock"`` or ``"rate"``.
     """
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     store = get_store(app)
     # One pass over the keyspace for both kinds: a scan costs the size of the whole
     # keyspace however few keys match, so a pass per kind would double the listing.
-    letter = {"queueing": "q", "lock": "l", None: "[ql]"}[kind]
+    letter = {"queueing": "q", "lock": "l", "rate": "r", None: "[qlr]"}[kind]
     pattern = f"{glob_escape(_prefix(app))}:{letter}:{{{glob_escape(task) + ':' if task else ''}*"
     for keys in _pages(store.client, pattern, page):
         for info in _infos(app, store, list(_entries(app, keys))):
@@ -158,12 +160,12 @@ def _entries(app: Celery, keys: list[str]) -> Iterator[tuple[str, str]]:
     """The locks among scanned keys, as ``(letter, key)`` (the letters of ``READ_LOCKS``):
     a queueing lock by its key, a lock by its holders key or, when it has none, its line;
     its other keys (parked, seq, arrival) and the sweepers' registry are passed over."""
-    queueing, lock = f"{_prefix(app)}:q:{{", f"{_prefix(app)}:l:{{"
+    queueing, locks = f"{_prefix(app)}:q:{{", (f"{_prefix(app)}:l:{{", f"{_prefix(app)}:r:{{")
     for key in keys:
         if key.startswith(queueing):
             if key.endswith("}"):
                 yield "q", key
-        elif key.startswith(lock):
+        elif key.startswith(locks):
             if key.endswith("}:holders"):
                 yield "h", key[: -len(":holders")]
             elif key.endswith("}:line"):
@@ -192,7 +194,8 @@ def _infos(app: Celery, store: Store, entries: list[tuple[str, str]]) -> list[Lo
             continue
         name, value = shared(key[len(prefix) + 4:-1])
         leases = tuple(round((float(d) - now_ms) / 1000, 3) for d in row[3::2])
-        out.append(LockInfo(key, "lock", name, value, tuple(row[2::2]),
+        kind = "rate" if key.startswith(f"{prefix}:r:") else "lock"
+        out.append(LockInfo(key, kind, name, value, tuple(row[2::2]),
                             max(0.0, min(leases)) if leases else None,
                             int(row[1]) if row[1] else None, int(row[0]), leases))
     return out
@@ -203,12 +206,13 @@ def get_lock(app: Celery, key_or_value: str) -> LockDetail | None:
     store = get_store(app)
     prefix = _prefix(app)
     key = key_or_value
+    lock = key.startswith((f"{prefix}:l:", f"{prefix}:r:"))
     for suffix in _SUFFIXES:
-        if key.startswith(f"{prefix}:l:") and key.endswith(suffix):
+        if lock and key.endswith(suffix):
             key = key[: -len(suffix)]
     if key.startswith(f"{prefix}:q:"):
         found = _infos(app, store, [("q", key)])
-    elif key.startswith(f"{prefix}:l:"):
+    elif lock:
         found = _infos(app, store, [("h", key)])
     else:  # a value: the locks of any task with that value
         found = [i for i in iter_locks(app) if i.value == key_or_value]
@@ -219,7 +223,7 @@ def get_lock(app: Celery, key_or_value: str) -> LockDetail | None:
 
 
 def _line(store: Store, info: LockInfo) -> Iterator[Waiting]:
-    if info.kind != "lock":
+    if info.kind == "queueing":
         return
     for place, (token, message) in enumerate(store.line(info.key)):
         yield Waiting(token, place, message is not None,
@@ -249,7 +253,7 @@ def release(app: Celery, key: str, *, dead: bool = False) -> int:
     for suffix in _SUFFIXES:
         if key.endswith(suffix):
             key = key[: -len(suffix)]
-    if not key.startswith(f"{prefix}:l:"):
+    if not key.startswith((f"{prefix}:l:", f"{prefix}:r:")):
         raise KeyError(f"not a key of celery-unique's (prefix {prefix!r}): {key!r}")
     # The lock's limit and lease, as the sweepers' registry has them (else defaults).
     entry = store.registered(registry_key(_prefix(app)), key)

@@ -155,13 +155,14 @@ def locks(ctx: click.Context, match: str | None, task: str | None, kind: str | N
     # push theirs, so a million locks never sit in memory.
     first = list(itertools.islice(rows, _TABLE_WIDTHS_FROM))
     widths = [max(len(r[i]) for r in [header, *first]) for i in range(len(header))]
-    counts = {"queueing": 0, "lock": 0}
+    counts = {"queueing": 0, "lock": 0, "rate": 0}
     for n, row in enumerate(itertools.chain([header], first, rows)):
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
         if n:
             counts[row[0]] += 1
+    rates = f", {counts['rate']} rate limits" if counts["rate"] else ""
     click.echo(f"{sum(counts.values())} locks ({counts['queueing']} queueing,"
-               f" {counts['lock']} locks)")
+               f" {counts['lock']} locks{rates})")
     _hint_task(app, task, bool(sum(counts.values())))
 
 

@@ -60,6 +60,8 @@ class Job(NamedTuple):
     running: str | None = None
     #: What a refused duplicate raises (the migration shims raise their libraries' own).
     refuse: type[AlreadyQueued] = AlreadyQueued
+    #: The ``rate_limit_key``'s spec (None: the task's name), with a ``global_rate_limit``.
+    rate: CompiledSpec | None = None
 
 
 class Enqueue:
@@ -75,13 +77,13 @@ class Enqueue:
         """Publish with the locks: the message, the job already queued, or an error."""
         job, values = self.job, self.job.values
         header = values.header(job.sender.name, job.queueing, job.lock, job.args, job.kwargs,
-                               job.policy)
+                               job.policy, job.rate)
         key, lock = header.queueing_key, header.lock
         retried = self._retry(publish, options) if (
             job.running and options.get("retries")) else None
         if retried is not None:
             return retried
-        if key is None and lock is None:
+        if key is None and lock is None and header.rate is None:
             return publish(self.task_id)
         if values.debounce is not None and key is not None and not job.running:
             self._debounce(key, values, options)
@@ -125,7 +127,10 @@ class Enqueue:
         # "order": the job's place in line is its creation order, taken now. A job with a
         # countdown or eta, or run eagerly in line in the caller, takes its place when it
         # starts.
-        line = lock if lock is not None and lock.mode == "order" and not (
+        # A rate limit's place likewise, unless the job has a line of its lock's (it then
+        # takes its rate place when it starts).
+        line = lock if lock is not None and lock.mode == "order" else header.rate
+        line = line if line is not None and line.mode == "order" and not (
             wait or eager) else None
         value = header.to_header()
         if line is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["AlreadyEnqueued", "AlreadyQueued", "CeleryUniqueError", "ConfigurationError",
-           "KeyBuildError", "LockHeld", "LockStoreUnavailable", "Replaced"]
+           "KeyBuildError", "LockHeld", "LockStoreUnavailable", "RateLimited", "Replaced"]
 
 
 class CeleryUniqueError(Exception):
@@ -62,6 +62,14 @@ class LockHeld(CeleryUniqueError):
 
     ``on_locked="skip"``: the result of a skipped job (state ``REVOKED``). Context:
     ``lock`` (the lock's name), ``key`` (its Redis key), ``holder`` (a job holding it).
+    """
+
+
+class RateLimited(CeleryUniqueError):
+    """The job was over its global rate limit, and was skipped.
+
+    ``on_rate_limited="skip"``: the result of a skipped job (state ``REVOKED``). Context:
+    ``key`` (the limit's Redis key), ``limit`` (as set: ``"10/s"``).
     """
 
 

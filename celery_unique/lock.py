@@ -21,14 +21,14 @@ from celery.states import FAILURE, IGNORED, REJECTED, RETRY, REVOKED
 
 from . import signals as unique_signals
 from .broker import capture, publish_woken
-from .exceptions import LockHeld, LockStoreUnavailable, Replaced
+from .exceptions import LockHeld, LockStoreUnavailable, RateLimited, Replaced
 from .keys import registry_key
 from .runtime import worker_runtime
 from .scripts import Grant, LockReply
-from .settings import setting
+from .settings import RATE_GUARD_MS, setting
 from .state import app_state
 from .store import Store, store_of
-from .wire import HEADER, JobHeader, Lock, RegistryEntry, now_ms, run_id
+from .wire import HEADER, JobHeader, Lock, RegistryEntry, now_ms, rate_token, run_id
 
 __all__ = ["JobRun", "finish", "release_lock", "release_unrun", "start", "started",
            "state_of"]
@@ -80,6 +80,8 @@ def start(task: Task, header: JobHeader | None, policy: str) -> None:
     queueing_key = header.queueing_key if header.until == "started" and not (
         replaceable) else None
     policy = header.on_store_error or policy
+    if header.rate is not None:
+        _start_under_rate(task, run, header, policy)
     if header.lock is not None:
         held = _take(task, run, header.lock, queueing_key, policy)
         run.released = bool(queueing_key and held)  # the lock's script released it
@@ -240,13 +242,18 @@ def _not_now(task: Task, run: JobRun, store: Store, lock: Lock, reply: LockReply
 
 
 def _park(task: Task, run: JobRun, store: Store, lock: Lock) -> None:
-    request = task.request
     header = (run.header or JobHeader())._replace(lock=lock, placed_ms=run.placed_ms)
-    message = capture(task.app, store, task, _again(task, header))
+    _park_message(task, store, lock, task.request.id, _again(task, header), header.queue)
+
+
+def _park_message(task: Task, store: Store, lock: Lock, token: str, sig: Signature,
+                  queue: str | None) -> None:
+    """Park the job ``sig`` in the line of ``lock`` under ``token``, registered for the
+    sweepers, and publish the jobs its script woke."""
+    message = capture(task.app, store, task, sig)
     registry = registry_key(setting(task.app, "unique_key_prefix"))
-    reply = store.park(lock.base, token=request.id, limit=lock.limit, lease_ms=lock.lease_ms,
-                       message=message, queue=run.header.queue if run.header else None,
-                       registry=registry)
+    reply = store.park(lock.base, token=token, limit=lock.limit, lease_ms=lock.lease_ms,
+                       message=message, queue=queue, registry=registry)
     # Parked: from here on nothing may fail the job, which will run when woken.
     app_state(task.app).metrics.handed(task, "line", len(reply.woken))
     if store.cluster:
@@ -270,6 +277,71 @@ def _held(task: Task, run: JobRun, store: Store, lock: Lock, reply: LockReply) -
     app_state(task.app).metrics.acquired(task, request.id, run.placed_ms, reply.handed_ms)
     unique_signals.lock_acquired.send(sender=task, key=lock.base, task_id=request.id,
                                       fence=reply.fence)
+
+
+# -- the rate limit ----------------------------------------------------------------------
+#
+# A ``global_rate_limit`` of N per period is kept as a lock of N places, each taken by a
+# start and held for the period: never renewed, never released by the job's end (only
+# a job that never started gives its place back). A job over the limit is parked in line
+# like an "order" job; the workers' sweep hands it a place when the oldest start's
+# period ends (``runtime``), at that moment.
+
+def _start_under_rate(task: Task, run: JobRun, header: JobHeader, policy: str) -> None:
+    """Take a start under the job's rate limit, or raise Ignore (parked, skipped)."""
+    rate, request = header.rate, task.request
+    assert rate is not None
+    store, token = store_of(task.app), rate_token(request.id, request.retries)
+    delay = _EAGER_POLL[0]
+    while True:
+        try:
+            reply = store.acquire_lock(rate.base, token=token, limit=rate.limit,
+                                       lease_ms=rate.lease_ms, mode=rate.mode,
+                                       wait_ms=rate.wait_ms, queue=header.queue,
+                                       rate=True)
+        except LockStoreUnavailable as exc:
+            _rate_unavailable(task, run, header, policy, exc)
+            return
+        # A copy of this very run holds a start (its message was delivered again): it
+        # runs on that start.
+        if reply.grant in (Grant.TAKEN, Grant.COPY_HOLDS):
+            return
+        publish_woken(task.app, store, reply.woken)
+        action = "skipped" if rate.mode == "skip" else (
+            "waiting" if request.is_eager else "parked")
+        unique_signals.rate_limited.send(sender=task, key=rate.base, task_id=request.id,
+                                         action=action)
+        if action != "waiting":
+            break
+        time.sleep(delay)  # eager mode: the caller waits for a start
+        delay = min(delay * 2, _EAGER_POLL[1])
+    run.parked = True  # its end releases nothing: it runs later, or never
+    if action == "skipped":
+        limited = RateLimited(f"{task.name}[{request.id}] skipped: over its rate limit"
+                              f" {rate.limit} per {rate.lease_ms - RATE_GUARD_MS} ms"
+                              f" ({rate.base})", key=rate.base, task_id=request.id)
+        logger.info("celery-unique: %s", limited)
+        _revoke(task, limited)
+    else:
+        _park_message(task, store, rate, token, _again(task, header), header.queue)
+    raise Ignore()
+
+
+def _rate_unavailable(task: Task, run: JobRun, header: JobHeader, policy: str,
+                      exc: LockStoreUnavailable) -> None:
+    """The lock store is unreachable at a rate-limited job's start: as ``policy`` says,
+    run it without counting it, or publish it again with a backoff (raises Ignore)."""
+    request = task.request
+    if request.is_eager and policy != "allow":
+        raise exc  # the caller is here to be told
+    if policy == "allow":
+        unique_signals.report_store_unavailable(task, "run", request.id, exc)
+        return
+    countdown = _requeue(task, run, header.lock, counter="s", backoff=_STORE_BACKOFF)
+    logger.warning("celery-unique: %s[%s]: the lock store is unreachable (%s); published"
+                   " again to run in %.1f s", task.name, request.id, exc, countdown)
+    run.parked = True
+    raise Ignore() from None
 
 
 def _unless_replaced(task: Task, run: JobRun, header: JobHeader, policy: str) -> None:
@@ -397,14 +469,17 @@ def release_lock(app: Celery, sender: Any, token: str, lock: Lock, state: str,
 
 
 def release_unrun(app: Celery, sender: Any, token: str, header: JobHeader, why: str, *,
-                  queueing: bool = True) -> None:
+                  queueing: bool = True, started: bool = False, retries: Any = 0) -> None:
     """A job that will not run now (revoked, discarded, its process lost) frees what its
     header names: its lock or place in line, and its queueing lock unless ``queueing`` is
-    false (it runs again)."""
+    false (it runs again); its place under its rate limit unless it ``started`` (a start
+    counts for the period, whatever becomes of the job)."""
     if queueing and header.queueing_key and header.until != "expired":
         free_queueing(app, sender, header.queueing_key, token, why)
     if header.lock is not None:
         release_lock(app, sender, token, header.lock, why, header.queue)
+    if header.rate is not None and not started:
+        release_lock(app, sender, rate_token(token, retries), header.rate, why, header.queue)
 
 
 def free_queueing(app: Celery, sender: Any, key: str, token: str, why: str, *,

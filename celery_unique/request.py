@@ -33,7 +33,10 @@ class UniqueRequest(Request):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        lock = Lock.of_header(self.request_dict.get(HEADER))
+        info = self.request_dict.get(HEADER)
+        lock = Lock.of_header(info)
+        if lock is None or lock.mode != "order":
+            lock = Lock.of_header(info, "r")  # a place in its rate limit's line, if any
         if lock is not None and lock.mode == "order":
             # Received: the worker's sweep keeps its place until a pool process starts it.
             self._unique_arrived = lock
@@ -53,18 +56,19 @@ class UniqueRequest(Request):  # type: ignore[misc]
         super().reject(requeue=requeue)
         self._unique_requeued = self._unique_requeued or requeue
 
-    def _unique_release(self, why: str, queueing: bool = True) -> None:
+    def _unique_release(self, why: str, queueing: bool = True, started: bool = True) -> None:
         self._unique_left()
         header = JobHeader.from_header(self.request_dict.get(HEADER))
         if self._unique_done or header is None:
             return
         self._unique_done = True
-        release_unrun(self.task.app, self.task, self.id, header, why, queueing=queueing)
+        release_unrun(self.task.app, self.task, self.id, header, why, queueing=queueing,
+                      started=started, retries=self.request_dict.get("retries"))
 
     def revoked(self) -> bool:
         revoked = bool(super().revoked())
         if revoked:
-            self._unique_release("revoked or expired")
+            self._unique_release("revoked or expired", started=False)
         return revoked
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
@@ -109,7 +113,8 @@ def _release_dropped(consumer: Any, message: Any, why: str) -> None:
     header = JobHeader.from_header(headers.get(HEADER))
     token = headers.get("id")
     if header is not None and isinstance(token, str):
-        release_unrun(consumer.app, headers.get("task"), token, header, why)
+        release_unrun(consumer.app, headers.get("task"), token, header, why,
+                      retries=headers.get("retries"))
 
 
 def on_discarded(sender: Any = None, message: Any = None, exc: Any = None, **_: Any) -> None:

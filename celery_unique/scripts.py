@@ -813,8 +813,9 @@ class Scripts:
     #: optional): the job's queueing lock, released when the lock is taken.
     #: ARGV: token, limit, lease ms, on_locked ("order", "retry" or "skip"), wait ms (unused:
     #: a job that asked keeps its place a lease ahead while it asks), '1' when this process
-    #: asks again after losing the reply to its own ask, and the run's "token:retries" (''
-    #: in eager mode).
+    #: asks again after losing the reply to its own ask, the run's "token:retries" (''
+    #: in eager mode), and '1' when the holders are never released (a rate limit's
+    #: starts): their key then expires with the newest one.
     #: Returns {1, fence, ms since a release or sweep handed it the lock, or -1 when it took
     #: it itself} when taken (or already handed to this job); {2, token, -1} when
     #: another copy of this job holds it (see below); {3, token, -1} when this run of the job
@@ -831,6 +832,7 @@ class Scripts:
         redis.call('HDEL', KP, token)
       end
       redis.call('ZADD', KH, now + lease, token)
+      if ARGV[8] == '1' then redis.call('PEXPIRE', KH, lease) end
       if KEYS[8] and redis.call('GET', KEYS[8]) == token then redis.call('DEL', KEYS[8]) end
       return {1, next_seq(), handed}
     end
@@ -879,18 +881,21 @@ class Scripts:
 
     def acquire_lock(self, base: str, *, token: str, limit: int, lease_ms: int, mode: str,
                      wait_ms: int, asks_again: bool = False, run: str = "",
-                     queueing_key: str | None = None, queue: str | None = None
-                     ) -> LockReply:
+                     queueing_key: str | None = None, queue: str | None = None,
+                     rate: bool = False) -> LockReply:
         """A job at a worker asks for the lock ``base`` (:data:`ACQUIRE_LOCK`).
 
         ``asks_again``: this process lost the reply to its own ask; ``run``: the run's id
         (``wire.run_id``), '' in eager mode; ``queueing_key``: the job's queueing lock,
         released when the lock is taken; ``queue``: the job's queue, where parked kombu
-        messages woken are pushed.
+        messages woken are pushed; ``rate``: a rate limit's start (never released).
         """
         keys = self._lock_keys(base, queue, queueing_key)
-        reply = _lock_reply(self._run(self._acquire_lock, keys, [
-            token, limit, lease_ms, mode, wait_ms, "1" if asks_again else "0", run]))
+        args: list[Any] = [token, limit, lease_ms, mode, wait_ms, "1" if asks_again else "0",
+                           run]
+        if rate:
+            args.append("1")
+        reply = _lock_reply(self._run(self._acquire_lock, keys, args))
         if queueing_key and self.cluster and reply.grant is Grant.TAKEN:
             # On a cluster the two keys live in different slots, which one script may not
             # touch: one more round trip, still owner-checked. The lock is taken by now,

@@ -7,6 +7,7 @@ Precedence for every option: per call, then per task (decorator, class attribute
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
@@ -24,6 +25,14 @@ ON_DUPLICATE = ("raise", "existing", "replace")
 ON_LOCKED = ("order", "retry", "skip")
 ON_STORE_ERROR = ("raise", "allow")
 UNTIL = ("started", "finished", "expired")
+ON_RATE_LIMITED = ("wait", "skip")
+#: ``global_rate_limit``'s periods, as Celery's ``rate_limit`` spells them (ms).
+RATE_PERIODS = {"s": 1000, "m": 60_000, "h": 3_600_000}
+#: Added to a rate limit's period: a start is counted from when the worker's script
+#: granted it, and a job's own clock reads it a little later, by a varying delay; so
+#: that no window of the period measured by the jobs themselves holds one start too
+#: many (the rate is 0.5 % lower at 1/s).
+RATE_GUARD_MS = 5
 
 #: Celery settings of celery-unique (``CELERY_UNIQUE_...`` under Django's namespace).
 DEFAULTS: dict[str, Any] = {
@@ -47,6 +56,10 @@ DEFAULTS: dict[str, Any] = {
     "unique_debounce_max": None,
     # With on_locked="skip": a job whose lock is held now is not queued at all.
     "unique_lock_check_at_enqueue": False,
+    # At most N starts per period across all workers ("10/s", "10/m", "10/h"; None: off);
+    # the excess waits in line ("wait") or ends REVOKED ("skip").
+    "unique_global_rate_limit": None,
+    "unique_on_rate_limited": "wait",
     # Metrics through OpenTelemetry (celery-unique[metrics]): True (the global meter
     # provider), a MeterProvider, or a callable making one (called once in each process:
     # a prefork worker's pool processes each make their own); off by default, and then
@@ -71,6 +84,9 @@ class UniqueOptions(TypedDict, total=False):
     debounce: float | None
     debounce_max: float | None
     lock_check_at_enqueue: bool
+    global_rate_limit: str | None
+    rate_limit_key: LockSpec
+    on_rate_limited: str
 
 
 #: Options taken out of ``apply_async``'s keyword arguments.
@@ -95,6 +111,8 @@ class Resolved:
     debounce: float | None = None
     debounce_max: float | None = None
     lock_check_at_enqueue: bool = False
+    global_rate_limit: str | None = None
+    on_rate_limited: str = DEFAULTS["unique_on_rate_limited"]
 
     @classmethod
     def for_task(cls, app: Celery, per_task: Mapping[str, Any]) -> Resolved:
@@ -114,9 +132,11 @@ class Resolved:
         return dataclasses.replace(self, **values) if values else self
 
     def header(self, task_name: str, queueing: CompiledSpec | None, lock: CompiledSpec | None,
-               args: Sequence[Any], kwargs: Mapping[str, Any], policy: str) -> JobHeader:
+               args: Sequence[Any], kwargs: Mapping[str, Any], policy: str,
+               rate: CompiledSpec | None = None) -> JobHeader:
         """A job's locks, its keys rendered from its arguments; ``policy``: the task's own
-        ``on_store_error`` (the header names the job's only when it differs)."""
+        ``on_store_error`` (the header names the job's only when it differs); ``rate``:
+        the ``rate_limit_key`` (None: the task's name)."""
         held = None if lock is None else self.lock(task_name, lock, args, kwargs)
         key = None if queueing is None else build_key(
             self.key_prefix, "q", task_name, queueing.render(args, kwargs))
@@ -124,7 +144,8 @@ class Resolved:
             key, int(self.queueing_lock_timeout * 1000) if key else 0,
             self.queueing_lock_until if key else None, held,
             None if self.on_store_error == policy else self.on_store_error,
-            replaceable=self.replaces and key is not None)
+            replaceable=self.replaces and key is not None,
+            rate=self.rate(task_name, rate, args, kwargs))
 
     @property
     def replaces(self) -> bool:
@@ -163,6 +184,19 @@ class Resolved:
                 f"{where}: debounce_max ({self.debounce_max} s) is shorter than debounce"
                 f" ({self.debounce} s)", option="debounce_max", value=self.debounce_max,
                 where=where)
+
+    def rate(self, task_name: str, spec: CompiledSpec | None, args: Sequence[Any],
+             kwargs: Mapping[str, Any]) -> Lock | None:
+        """The job's ``global_rate_limit`` as a lock (None: none): ``limit`` starts, each
+        held for the period; keyed by ``rate_limit_key`` (default: the task's name)."""
+        if self.global_rate_limit is None:
+            return None
+        limit, period_ms = parse_rate(self.global_rate_limit)
+        value = task_name if spec is None else spec.render(args, kwargs)
+        scope = task_name if spec is not None and spec.kind == "all" else ""
+        return Lock(build_key(self.key_prefix, "r", scope, value),
+                    "order" if self.on_rate_limited == "wait" else "skip", limit,
+                    period_ms + RATE_GUARD_MS, int(self.queueing_lock_timeout * 1000))
 
     def lock(self, task_name: str, spec: CompiledSpec, args: Sequence[Any],
              kwargs: Mapping[str, Any]) -> Lock:
@@ -253,6 +287,25 @@ def check_limit(value: Any, *, where: str) -> int:
     return value
 
 
+@functools.lru_cache(maxsize=256)
+def parse_rate(value: Any) -> tuple[int, int]:
+    """``"10/s"`` (``N/s``, ``N/m``, ``N/h``, or a number: per second) as ``(10, 1000)``:
+    the limit and its period in ms. Raises :class:`ConfigurationError`."""
+    text = str(value).strip()
+    count, _, unit = text.partition("/")
+    try:
+        limit = int(count)
+    except ValueError:
+        limit = 0
+    if isinstance(value, bool) or limit < 1 or str(limit) != count.strip() or (
+            unit and unit.strip() not in RATE_PERIODS):
+        raise ConfigurationError(
+            f"global_rate_limit must be a whole number of starts per period, as Celery's"
+            f" rate_limit spells it ('10/s', '100/m', '1000/h'), got {value!r}",
+            option="global_rate_limit", value=value)
+    return limit, RATE_PERIODS[unit.strip() or "s"]
+
+
 def check_bool(value: Any, *, option: str, where: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigurationError(f"{where}: {option} must be True or False, got {value!r}",
@@ -272,7 +325,10 @@ def check_choice(value: Any, choices: Sequence[str], *, option: str, where: str)
 def check_settings(app: Celery) -> None:
     """Check the app-wide settings, so that a typo fails when tasks are created."""
     where = "Celery settings"
+    if setting(app, "unique_global_rate_limit") is not None:
+        parse_rate(setting(app, "unique_global_rate_limit"))
     for name, choices in (("unique_on_duplicate", ON_DUPLICATE),
+                          ("unique_on_rate_limited", ON_RATE_LIMITED),
                           ("unique_queueing_lock_until", UNTIL),
                           ("unique_on_locked", ON_LOCKED),
                           ("unique_on_store_error", ON_STORE_ERROR)):

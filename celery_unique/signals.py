@@ -11,7 +11,7 @@ from typing import Any
 from celery.utils.dispatch import Signal
 
 __all__ = ["duplicate_rejected", "job_replaced", "lock_acquired", "lock_lost", "lock_released",
-           "lock_waiting", "report_store_unavailable", "store_unavailable"]
+           "lock_waiting", "rate_limited", "report_store_unavailable", "store_unavailable"]
 
 logger = logging.getLogger("celery_unique")
 
@@ -35,6 +35,11 @@ lock_acquired = Signal(name="celery_unique.lock_acquired")
 #: holding it), ``action`` (``"parked"``, ``"retry"``, ``"skipped"`` or ``"waiting"`` in
 #: eager mode).
 lock_waiting = Signal(name="celery_unique.lock_waiting")
+
+#: Sent by the worker when a job over its ``global_rate_limit`` does not start now.
+#: Sender: the task. Arguments: ``key`` (the limit's Redis key), ``task_id``, ``action``
+#: (``"parked"``: it waits in line, ``"skipped"``, or ``"waiting"`` in eager mode).
+rate_limited = Signal(name="celery_unique.rate_limited")
 
 #: Sent when a job that held its lock ends. Arguments: ``key``, ``task_id``, ``state``.
 lock_released = Signal(name="celery_unique.lock_released")

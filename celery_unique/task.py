@@ -34,6 +34,7 @@ from .settings import (
     CALL_OPTIONS,
     ON_DUPLICATE,
     ON_LOCKED,
+    ON_RATE_LIMITED,
     ON_STORE_ERROR,
     UNTIL,
     Resolved,
@@ -42,6 +43,7 @@ from .settings import (
     check_limit,
     check_settings,
     check_timeout,
+    parse_rate,
     setting,
 )
 from .state import app_state
@@ -52,7 +54,7 @@ __all__ = ["HEADER", "UniqueTask"]
 
 _VALUE_OPTIONS = ("on_duplicate", "queueing_lock_timeout", "queueing_lock_until", "on_locked",
                   "lock_timeout", "on_store_error", "lock_limit", "debounce", "debounce_max",
-                  "lock_check_at_enqueue")
+                  "lock_check_at_enqueue", "global_rate_limit", "on_rate_limited")
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,17 @@ class UniqueTask(Task):  # type: ignore[misc]
     #: (que-locks' preemptive check): refused as a duplicate (``on_duplicate``), the
     #: running holder named.
     lock_check_at_enqueue: bool | None = None
+    #: At most N starts per period across all workers, as Celery's ``rate_limit`` spells
+    #: it (``"10/s"``, ``"100/m"``, ``"1000/h"``), counted when a job is about to run.
+    global_rate_limit: str | None = None
+    #: What shares a ``global_rate_limit``: a template or callable (tasks of different
+    #: names naming the same key share it), ``True`` (this task with its arguments), or
+    #: ``None`` (the task's name: one limit for the task).
+    rate_limit_key: LockSpec = None
+    #: A job over its rate limit: ``"wait"`` (parked in line without a worker slot, run in
+    #: creation order when a start is free) or ``"skip"`` (ends ``REVOKED`` with
+    #: :class:`RateLimited`).
+    on_rate_limited: str | None = None
     #: Debounce (seconds): each call replaces the queued job (as ``on_duplicate="replace"``)
     #: and puts its start off to this long after the last call: one run per burst, with
     #: its last call's arguments. Needs a ``queueing_lock``.
@@ -109,6 +122,7 @@ class UniqueTask(Task):  # type: ignore[misc]
     _unique_binder: ClassVar[Binder | None] = None
     _unique_queueing: ClassVar[CompiledSpec | None] = None
     _unique_lock: ClassVar[CompiledSpec | None] = None
+    _unique_rate: ClassVar[CompiledSpec | None] = None
     #: The value options, resolved when Celery binds the task.
     _unique_defaults: ClassVar[Resolved] = Resolved()
     #: What a refused duplicate raises (the migration shims raise their libraries' own).
@@ -132,6 +146,9 @@ class UniqueTask(Task):  # type: ignore[misc]
         )
         cls._unique_lock = cls._unique_compile(
             {"lock": cls.lock, "unique_on": cls.unique_on}, option="lock")
+        cls._unique_rate = cls._unique_compile(
+            {"rate_limit_key": cls.rate_limit_key, "unique_on": cls.unique_on},
+            option="rate_limit_key")
         per_task = {name: getattr(cls, name) for name in _VALUE_OPTIONS}
         cls._unique_check_values(per_task, where=cls.name)
         # Resolved once, as Celery resolves its own task settings (``from_config``) at
@@ -160,6 +177,7 @@ class UniqueTask(Task):  # type: ignore[misc]
     @staticmethod
     def _unique_check_values(options: Mapping[str, Any], *, where: str) -> None:
         choices = {"on_duplicate": ON_DUPLICATE, "queueing_lock_until": UNTIL,
+                   "on_rate_limited": ON_RATE_LIMITED,
                    "on_locked": ON_LOCKED, "on_store_error": ON_STORE_ERROR}
         for option in _VALUE_OPTIONS:
             value = options.get(option)
@@ -169,6 +187,8 @@ class UniqueTask(Task):  # type: ignore[misc]
                 check_choice(value, choices[option], option=option, where=where)
             elif option == "lock_check_at_enqueue":
                 check_bool(value, option=option, where=where)
+            elif option == "global_rate_limit":
+                parse_rate(value)
             elif option == "lock_limit":
                 check_limit(value, where=where)
             else:
@@ -200,7 +220,8 @@ class UniqueTask(Task):  # type: ignore[misc]
 
     def _unique_spec(self, per_call: Mapping[str, Any], option: str) -> CompiledSpec | None:
         if option not in per_call and "unique_on" not in per_call:
-            return self._unique_queueing if option == "queueing_lock" else self._unique_lock
+            return {"queueing_lock": self._unique_queueing, "lock": self._unique_lock,
+                    "rate_limit_key": self._unique_rate}[option]
         return self._unique_compile({
             option: per_call.get(option, getattr(self, option)),
             "unique_on": per_call.get("unique_on", self.unique_on),
@@ -238,18 +259,22 @@ class UniqueTask(Task):  # type: ignore[misc]
         if per_call or self._unique_binder is None:
             queueing = self._unique_check_call(per_call)
             lock_spec = self._unique_spec(per_call, "lock")
+            rate = self._unique_spec(per_call, "rate_limit_key")
         else:  # the common case, on every enqueue: the task's own specs
-            queueing, lock_spec = self._unique_queueing, self._unique_lock
+            queueing, lock_spec, rate = (self._unique_queueing, self._unique_lock,
+                                         self._unique_rate)
+        values = self._unique_defaults.with_call(per_call)
         # A call under the running job's own id may be its retry (Enqueue tells).
         stack = self.request_stack  # None until the task is bound
         top = stack.top if stack is not None and task_id is not None else None
         running = task_id if top is not None and top.id == task_id and not (
             top.called_directly) else None
-        if queueing is None and lock_spec is None and running is None:
+        if queueing is None and lock_spec is None and running is None and (
+                values.global_rate_limit is None):
             return None
-        return Job(self, task_id, args, kwargs, queueing, lock_spec,
-                   self._unique_defaults.with_call(per_call),
-                   self._unique_defaults.on_store_error, running, self._unique_already_queued)
+        return Job(self, task_id, args, kwargs, queueing, lock_spec, values,
+                   self._unique_defaults.on_store_error, running, self._unique_already_queued,
+                   rate)
 
     # -- worker side ------------------------------------------------------------------
 
@@ -309,9 +334,11 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
             logger.error("celery-unique: %s. Until then every unique task's job fails.", exc)
             return
     locked = [t for t in tasks if t._unique_lock is not None]
+    limited = [t for t in tasks if t._unique_defaults.global_rate_limit is not None]
     runtime.on_worker_ready(
-        sender, locked=bool(locked), unique=bool(tasks),
-        ordered=any(t._unique_defaults.on_locked == "order" for t in locked))
+        sender, locked=bool(locked or limited), unique=bool(tasks),
+        ordered=any(t._unique_defaults.on_locked == "order" for t in locked) or any(
+            t._unique_defaults.on_rate_limited == "wait" for t in limited))
 
 
 def _on_discarded(sender: Any = None, **kwargs: Any) -> None:

@@ -33,12 +33,14 @@ class Lock(NamedTuple):
     wait_ms: int  #: how long a line entry may take to reach a worker
 
     @classmethod
-    def of_header(cls, value: Any) -> Lock | None:
+    def of_header(cls, value: Any, p: str = "") -> Lock | None:
         """The lock a header's value names (:class:`JobHeader`), if any; reads nothing
-        else (the worker's main process reads it for every message)."""
-        if not isinstance(value, dict) or not value.get("l"):
+        else (the worker's main process reads it for every message). ``p="r"``: its rate
+        limit instead."""
+        if not isinstance(value, dict) or not value.get(p + "l"):
             return None
-        return cls(value["l"], value["o"], int(value["n"]), int(value["lt"]), int(value["lw"]))
+        return cls(value[p + "l"], value[p + "o"], int(value[p + "n"]), int(value[p + "lt"]),
+                   int(value[p + "lw"]))
 
 
 class JobHeader(NamedTuple):
@@ -65,6 +67,9 @@ class JobHeader(NamedTuple):
     #: ``"r"``: the job may be replaced (its task's ``on_duplicate="replace"``): it asks at
     #: its start whether it was.
     replaceable: bool = False
+    #: ``"rl"``, ``"ro"``, ``"rn"``, ``"rlt"``, ``"rlw"``: its ``global_rate_limit``, kept
+    #: as a lock whose ``limit`` jobs each hold a start for the period (``lease_ms``).
+    rate: Lock | None = None
 
     def to_header(self) -> dict[str, Any]:
         """The header's value (JSON-ready, short names: it travels with every message)."""
@@ -85,18 +90,23 @@ class JobHeader(NamedTuple):
             out["p"] = self.placed_ms
         if self.replaceable:
             out["r"] = 1
+        rate = self.rate
+        if rate is not None:
+            out["rl"], out["ro"], out["rn"] = rate.base, rate.mode, rate.limit
+            out["rlt"], out["rlw"] = rate.lease_ms, rate.wait_ms
         return out
 
     @classmethod
     def from_header(cls, value: Any) -> JobHeader | None:
         """The header's value read back; None when it holds no lock of ours."""
-        if not isinstance(value, dict) or not (value.get("q") or value.get("l")):
+        if not isinstance(value, dict) or not (value.get("q") or value.get("l") or
+                                               value.get("rl")):
             return None
         return cls(value.get("q") or None, int(value.get("t") or 0), value.get("until"),
                    Lock.of_header(value),
                    value.get("e"), value.get("k"),
                    {k: int(value[k]) for k in ATTEMPTS if k in value},
-                   int(value.get("p") or 0), bool(value.get("r")))
+                   int(value.get("p") or 0), bool(value.get("r")), Lock.of_header(value, "r"))
 
     @classmethod
     def of_request(cls, request: Any) -> JobHeader | None:
@@ -143,6 +153,12 @@ def wait_seconds(countdown: Any, eta: Any) -> float:
             now = datetime.datetime.now(eta.tzinfo) if eta.tzinfo else datetime.datetime.now()
             return max(0.0, (eta - now).total_seconds())
     return 0.0
+
+
+def rate_token(job_id: str, retries: Any) -> str:
+    """A run's token under its rate limit: each run is a start of its own (its first is
+    the job's id: the place in line its enqueue took)."""
+    return f"{job_id}:{int(retries)}" if retries else job_id
 
 
 def run_id(request: Any) -> str:

@@ -466,3 +466,11 @@ def debounced(run: str, version: int) -> int:
     """Once per burst of calls, 0.5 s after the last, at most 1.5 s after the first."""
     coord.rpush(f"runs:{run}", json.dumps([version, time.time()]))
     return version
+
+
+@app.task(base=UniqueTask, global_rate_limit="10/s", rate_limit_key="rl_{run}",
+          name="acceptance.rate_limited")
+def rate_limited(run: str, n: int) -> int:
+    """At most 10 starts a second per ``run``, across all workers."""
+    coord.rpush(f"starts:{run}", json.dumps([n, time.time()]))
+    return n

@@ -318,3 +318,19 @@ def test_lock_check(example: Any, unique: UniqueLocks, published: list[str]) -> 
     unique.release_all()
     mod.refresh_feed.delay("u")
     assert published == [mod.refresh_feed.name]
+
+
+def test_rate_limit(example: Any, unique: UniqueLocks, published: list[str]) -> None:
+    from celery_unique.store import store_of
+
+    mod = example("rate_limit")
+    queued = mod.sync_orders.delay("acme", "2026-12-01")
+    assert published == [mod.sync_orders.name]
+    # Its place in the account's line is taken at enqueue: the excess runs in order.
+    line = "celery_unique:r:{partner_acme}:line"
+    assert store_of(mod.app).client.zscore(line, queued.id) is not None
+    unique.release_all()
+    unique.eager()
+    for n in range(3):  # under the limit: each starts at once
+        mod.sync_orders.delay("acme", f"day {n}")
+    assert services.done == [("orders synced", ["acme", f"day {n}"]) for n in range(3)]

@@ -86,6 +86,27 @@ def test_locks_lists_both_kinds_as_a_table_and_as_json(cli: Any) -> None:
         ["0", "job-b"], ["1", "job-c"]]
 
 
+def test_rate_limits_are_listed_with_their_starts_and_waiting_jobs(cli: Any) -> None:
+    """A ``global_rate_limit`` is listed as kind ``rate``: its holders are the starts of
+    its period, its line the jobs waiting for one; ``release`` frees its starts, handing
+    them to the jobs in line."""
+    store = cli.module.limited._unique_store()
+    base = "celery_unique:r:{api_acme}"
+    queued = [cli.module.limited.delay("acme") for _ in range(3)]  # their places in line
+    for job in queued[:2]:  # two start: the period's limit
+        assert store.acquire_lock(base, token=job.id, limit=2, lease_ms=60_005,
+                                  mode="order", wait_ms=3_600_000).grant == 1
+    listed = json.loads(cli("locks", "--json", "--kind", "rate").stdout)
+    assert [(r["kind"], r["value"], sorted(r["holders"]), r["waiting"]) for r in listed] == [
+        ("rate", "api_acme", sorted(j.id for j in queued[:2]), 1)]
+    assert cli("locks").output.splitlines()[-1] == "1 locks (0 queueing, 0 locks, 1 rate limits)"
+    shown = cli("show", base)
+    assert shown.exit_code == 0 and queued[2].id in shown.output
+    assert admin.release(cli.app, base) == 2
+    assert [(r["holders"], r["waiting"]) for r in json.loads(cli("locks", "--json").stdout)
+            ] == [([], 1)]  # the third still on its way to a worker, first in line
+
+
 def test_a_dead_holder_is_told_from_a_live_one_and_released_alone(cli: Any) -> None:
     """A holder whose lease ran out (its worker SIGKILLed: nothing renews it) is listed as
     ``lease expired``, how long ago; ``--dry-run`` releases nothing; ``--dead`` releases

@@ -472,3 +472,59 @@ def test_headers_that_are_not_a_dict_run_as_a_plain_task(app: Celery, headers: A
         return a + 1
 
     assert t.apply((1,), headers=headers).get() == plain.apply((1,), headers=headers).get() == 2
+
+
+@pytest.mark.parametrize("value", ["10/d", "abc", 0, "1.5/s", True, "-1/s", "10 per s"])
+def test_a_bad_rate_limit_fails_at_creation(app: Celery, value: Any) -> None:
+    with pytest.raises(ConfigurationError, match="whole number of starts per period"):
+        @app.task(base=UniqueTask, global_rate_limit=value, shared=False)
+        def t() -> None: ...
+
+        t.name  # noqa: B018 - created lazily: bound here
+
+
+def test_rate_limit_options_per_call_and_app_wide(app: Celery, fake_redis: Any) -> None:
+    from celery_unique.settings import parse_rate
+
+    assert parse_rate("10/s") == (10, 1000) and parse_rate("100/m") == (100, 60_000)
+    assert parse_rate("1000/h") == (1000, 3_600_000) and parse_rate(5) == (5, 1000)
+
+    @app.task(base=UniqueTask, shared=False)
+    def t() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="whole number"):
+        t.apply_async(global_rate_limit="fast")
+    with pytest.raises(ConfigurationError, match="on_rate_limited must be one of"):
+        t.apply_async(global_rate_limit="1/s", on_rate_limited="drop")
+    app.conf.unique_on_rate_limited = "later"
+    with pytest.raises(ConfigurationError, match="unique_on_rate_limited"):
+        @app.task(base=UniqueTask, shared=False)
+        def u() -> None: ...
+
+        u.name  # noqa: B018
+
+
+def test_over_its_rate_limit_a_job_is_skipped_revoked(app: Celery, fake_redis: Any) -> None:
+    """``on_rate_limited="skip"``, run eagerly (the worker's code, in the caller): the
+    third start in the period ends ``REVOKED`` with :class:`RateLimited`; another key has
+    its own limit; nothing else is left but the period's starts."""
+    from celery_unique import RateLimited
+
+    app.conf.task_always_eager = True
+    ran: list[str] = []
+
+    @app.task(base=UniqueTask, global_rate_limit="2/m", rate_limit_key="api_{account}",
+              on_rate_limited="skip", shared=False)
+    def call(account: str) -> str:
+        ran.append(account)
+        return account
+
+    results = [call.delay("acme") for _ in range(3)] + [call.delay("other")]
+    assert [r.state for r in results] == ["SUCCESS", "SUCCESS", "REVOKED", "SUCCESS"]
+    assert isinstance(results[2].result, RateLimited)
+    assert ran == ["acme", "acme", "other"]
+    assert keys(fake_redis) == ["celery_unique:r:{api_acme}:holders",
+                                "celery_unique:r:{api_acme}:seq",
+                                "celery_unique:r:{api_other}:holders",
+                                "celery_unique:r:{api_other}:seq"]
+    assert 59_000 < fake_redis.pttl("celery_unique:r:{api_acme}:holders") <= 60_005

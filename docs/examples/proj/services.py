@@ -59,3 +59,7 @@ def rebuild_index(document_id: int, revision: int) -> None:
 
 def save_draft(document_id: int, text: str) -> None:
     _did("draft saved", [document_id, text])
+
+
+def call_partner_api(account: str, since: str) -> None:
+    _did("orders synced", [account, since])
