@@ -34,7 +34,7 @@ from .scripts import Duplicate
 from .settings import Resolved
 from .state import app_state
 from .store import store_of
-from .wire import HEADER, JobHeader, now_ms, set_placed, wait_seconds
+from .wire import HEADER, JobHeader, Lock, now_ms, set_placed, wait_seconds
 
 __all__ = ["Enqueue", "Job"]
 
@@ -79,70 +79,44 @@ class Enqueue:
         header = values.header(job.sender.name, job.queueing, job.lock, job.args, job.kwargs,
                                job.policy, job.rate)
         key, lock = header.queueing_key, header.lock
-        retried = self._retry(publish, options) if (
-            job.running and options.get("retries")) else None
-        if retried is not None:
-            return retried
-        if key is None and lock is None and header.rate is None:
-            return publish(self.task_id)
         if values.debounce is not None and key is not None and not job.running:
             self._debounce(key, values, options)
+        headers = options.get("headers") or {}
+        wait = wait_seconds(options.get("countdown"), options.get("eta"))
+        retried = JobHeader.from_header(headers.get(HEADER)) if (
+            job.running and options.get("retries")) else None
+        if retried is not None:
+            # A retry re-publishes the running job under its own id: it re-enters the
+            # queue, so it takes its queueing lock again. It is published whatever the
+            # answer: a retry is never dropped because another job took the lock meanwhile.
+            # A throttle's lock ("expired") keeps the lease it was given at enqueue.
+            if retried.queueing_key and retried.until != "expired":
+                Push(self.store, self.task_id, retried.queueing_key,
+                     retried.lease_ms + int(1000 * wait)).take(check=False)
+                self.state.metrics.queued(job.sender)
+            return publish(self.task_id)
+        if key is None and lock is None and header.rate is None:
+            return publish(self.task_id)
         eager = bool(self.app.conf.task_always_eager)
-        push = self._push(header, eager, options)
+        line = header.line_at_enqueue(bool(wait or eager))
+        value = header.to_header()
+        if line is not None:
+            set_placed(value, now_ms())  # when it took its place: the wait is measured
+        options["headers"] = {**headers, HEADER: value}
+        push = Push(self.store, self.task_id, key, header.lease_ms + int(1000 * wait), line,
+                    publish_ms=int(values.publish_lease * 1000), replace=values.replaces,
+                    lock_check=header.lock_to_check(values.lock_check_at_enqueue))
         held = key is not None and key in self.state.held_keys
         try:
             result = push.publish(self.app, publish, producer, options, eager=eager, held=held,
                                   task=job.sender, on_store_error=values.on_store_error)
         except Duplicate as duplicate:
-            if duplicate.running:
-                return self._duplicate(lock.base if lock else "", duplicate, options)
-            self.state.remember_held(key or "")
-            return self._duplicate(key or "", duplicate, options)
+            return self._duplicate(key, lock, duplicate, options)
         if held:
             self.state.held_keys.pop(key or "", None)
         if push.replaced:
             self._replaced(key or "", push.replaced)
         return result
-
-    def _retry(self, publish: Publish, options: dict[str, Any]) -> AsyncResult | None:
-        """A retry re-publishes the running job under its own id (None: not a job of
-        ours): it re-enters the queue, so it takes its queueing lock again. It is
-        published whatever the answer: a retry is never dropped because another job took
-        the lock meanwhile. A throttle's lock ("expired") keeps the lease it was given at
-        enqueue."""
-        retried = JobHeader.from_header((options.get("headers") or {}).get(HEADER))
-        if retried is None:
-            return None
-        if retried.queueing_key and retried.until != "expired":
-            wait = wait_seconds(options.get("countdown"), options.get("eta"))
-            Push(self.store, self.task_id, retried.queueing_key,
-                 retried.lease_ms + int(1000 * wait)).take(check=False)
-            self.state.metrics.queued(self.job.sender)
-        return publish(self.task_id)
-
-    def _push(self, header: JobHeader, eager: bool, options: dict[str, Any]) -> Push:
-        """The job's locks to take with its publish; its header set in ``options``."""
-        values, lock = self.job.values, header.lock
-        wait = wait_seconds(options.get("countdown"), options.get("eta"))
-        # "order": the job's place in line is its creation order, taken now. A job with a
-        # countdown or eta, or run eagerly in line in the caller, takes its place when it
-        # starts.
-        # A rate limit's place likewise, unless the job has a line of its lock's (it then
-        # takes its rate place when it starts).
-        line = lock if lock is not None and lock.mode == "order" else header.rate
-        line = line if line is not None and line.mode == "order" and not (
-            wait or eager) else None
-        value = header.to_header()
-        if line is not None:
-            set_placed(value, now_ms())  # when it took its place: the wait is measured
-        options["headers"] = {**(options.get("headers") or {}), HEADER: value}
-        # que-locks' preemptive check: a job that would be skipped is not queued.
-        check = lock if lock is not None and lock.mode == "skip" and (
-            values.lock_check_at_enqueue) else None
-        return Push(self.store, self.task_id, header.queueing_key,
-                    header.lease_ms + int(1000 * wait), line,
-                    publish_ms=int(values.publish_lease * 1000), replace=values.replaces,
-                    lock_check=check)
 
     def _debounce(self, key: str, values: Resolved, options: dict[str, Any]) -> None:
         """A debounced call's countdown: ``debounce``, cut so that the burst's first call
@@ -175,10 +149,16 @@ class Enqueue:
             except Exception:  # published: the worker that drops it stores it again
                 logger.exception("celery-unique: could not store the result of %s", old)
 
-    def _duplicate(self, key: str, duplicate: Duplicate, options: Mapping[str, Any]
-                   ) -> AsyncResult:
-        """The queueing lock is held: raise, or give the job already queued."""
+    def _duplicate(self, queueing_key: str | None, lock: Lock | None, duplicate: Duplicate,
+                   options: Mapping[str, Any]) -> AsyncResult:
+        """The queueing lock is held (or, ``duplicate.running``, the lock): raise, or give
+        the job already queued (or running)."""
         job, task = self.job, self.job.sender
+        if duplicate.running:
+            key = lock.base if lock is not None else ""
+        else:
+            key = queueing_key or ""
+            self.state.remember_held(key)
         holder, ttl = duplicate.holder, max(duplicate.pttl, 0) / 1000
         # A chain or callback step sent by a worker (Celery passes parent_id), or a beat
         # entry: nobody can catch the error there, so the step is skipped and logged,

@@ -117,6 +117,20 @@ class JobHeader(NamedTuple):
             request, HEADER, None)
         return cls.from_header(value)
 
+    def line_at_enqueue(self, later: bool) -> Lock | None:
+        """The line whose place the job takes at enqueue (its creation order): its lock's
+        in "order" mode, else its rate limit's when it waits; None when it starts
+        ``later`` (a countdown or eta, eager mode) or has none: then it takes its place
+        when it starts."""
+        lock = self.lock if self.lock is not None and self.lock.mode == "order" else self.rate
+        return None if later or lock is None or lock.mode != "order" else lock
+
+    def lock_to_check(self, check: bool) -> Lock | None:
+        """``lock_check_at_enqueue``: the lock whose holders refuse the enqueue (que-locks'
+        preemptive check: only a job that would be skipped is not queued)."""
+        lock = self.lock
+        return lock if check and lock is not None and lock.mode == "skip" else None
+
     def attempt(self, counter: str) -> int:
         """How often the job was published again for ``counter`` (see :attr:`attempts`)."""
         return int(self.attempts.get(counter, 0))
