@@ -212,9 +212,9 @@ def sweep_lock(app: Celery, store: Store, registry: str, member: str, entry: Reg
 
 def on_worker_ready(consumer: Any, *, locked: bool, ordered: bool, unique: bool) -> None:
     """A worker sweeps only where locks are used: at once when one of its tasks has a
-    ``lock`` (``locked``; ``ordered``: one of them waits in line), at the first locked job
-    it receives when its tasks are unique ones that may be given a lock per call
-    (``unique``), never otherwise (no timer, no connection)."""
+    ``lock`` or a ``global_rate_limit`` (``locked``; ``ordered``: one of them waits in
+    line), at the first such job it receives when its tasks are unique ones that may be
+    given one per call (``unique``), never otherwise (no timer, no connection)."""
     if locked:
         _start_sweeping(consumer)
         if ordered:
@@ -222,7 +222,8 @@ def on_worker_ready(consumer: Any, *, locked: bool, ordered: bool, unique: bool)
     elif unique:
         def on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
             info = (getattr(request, "request_dict", None) or {}).get(HEADER)
-            if sender is consumer and isinstance(info, dict) and info.get("l"):
+            if sender is consumer and isinstance(info, dict) and (
+                    info.get("l") or info.get("rl")):
                 signals.task_received.disconnect(on_received)
                 _start_sweeping(consumer)
 

@@ -38,9 +38,12 @@ def connections(server: RedisServer) -> int:
         client.close()
 
 
+@pytest.mark.parametrize("per_call", [{"lock": "per-call"}, {"global_rate_limit": "5/s"}],
+                         ids=["lock", "rate-limit"])
 @pytest.mark.parametrize("broker_kind", ["redis", "amqp"])
 def test_a_worker_without_locks_never_connects_to_the_lock_store(
-    unique_redis_server: RedisServer, lock_store: RedisServer, broker_kind: str
+    unique_redis_server: RedisServer, lock_store: RedisServer, broker_kind: str,
+    per_call: dict[str, str],
 ) -> None:
     queue = f"quiet-{uuid.uuid4().hex}"
     done_url = f"{unique_redis_server.url}/5"
@@ -74,8 +77,9 @@ def test_a_worker_without_locks_never_connects_to_the_lock_store(
         # Not one connection (the +1 is the INFO call of the first count), no sweeper.
         assert connections(lock_store) == before + 1
         assert "sweeping the locks" not in worker.logs()
-        # A job given a lock per call: now the worker sweeps, against its own store.
-        quiet_app.unique.apply_async(("locked",), lock="per-call")
+        # A job given a lock (or a rate limit) per call: now the worker sweeps, against
+        # its own store.
+        quiet_app.unique.apply_async(("locked",), **per_call)
         wait_for(lambda: broker.llen("quiet:done") == 2 * n + 1, timeout=30,
                  what="the locked job")
         wait_for(lambda: "sweeping the locks of dead holders" in worker.logs(), timeout=10,
