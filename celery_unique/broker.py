@@ -351,8 +351,8 @@ def publish_woken(app: Celery, store: Store, woken: list[Woken]) -> None:
             parked = decode_parked(message)
             if isinstance(parked, ParkedMessage):
                 # kombu's message for another queue than the caller's: pushed from here,
-                # under a fresh delivery tag as the script would.
-                store.client.lpush(parked.queue, parked.fresh_body(token))
+                # under a fresh delivery tag, at the head of its queue, as the script would.
+                store.client.rpush(parked.queue, parked.fresh_body(token))
             else:
                 sig = Signature(parked.signature(), app=app)
                 # Task.apply_async, not UniqueTask's: the job holds its queueing lock and

@@ -295,17 +295,26 @@ def _start_under_rate(task: Task, run: JobRun, header: JobHeader, policy: str) -
     delay = _EAGER_POLL[0]
     while True:
         try:
+            # A run published again after an outage may have been granted its start
+            # before the reply was lost: it asks again, and is not taken for a copy.
+            again = bool(header.attempt("s"))
             reply = store.acquire_lock(rate.base, token=token, limit=rate.limit,
                                        lease_ms=rate.lease_ms, mode=rate.mode,
                                        wait_ms=rate.wait_ms, queue=header.queue,
+                                       asks_again=again, run="" if again else token,
                                        rate=True)
         except LockStoreUnavailable as exc:
             _rate_unavailable(task, run, header, policy, exc)
             return
-        # A copy of this very run holds a start (its message was delivered again): it
-        # runs on that start.
-        if reply.grant in (Grant.TAKEN, Grant.COPY_HOLDS):
+        if reply.grant is Grant.TAKEN:
             return
+        if reply.grant in (Grant.RAN, Grant.COPY_HOLDS):
+            # A copy of a run that started already (a parked job handed its start again
+            # when its first copy came late): dropped, never a second start.
+            run.parked = True
+            logger.info("celery-unique: %s[%s] started already: this copy is dropped",
+                        task.name, request.id)
+            raise Ignore()
         publish_woken(task.app, store, reply.woken)
         action = "skipped" if rate.mode == "skip" else (
             "waiting" if request.is_eager else "parked")

@@ -190,8 +190,16 @@ def sweep(app: Celery, soon: Soon | None = None) -> int:
     are handed a place when it frees, not up to a sweep interval later."""
     store = store_of(app)
     registry = registry_key(setting(app, "unique_key_prefix"))
-    return sum(sweep_lock(app, store, registry, member, entry, soon)
-               for member, entry in store.due_locks(registry, time.time() * 1000))
+    now = time.time() * 1000
+    woken = 0
+    # With ``soon``, the locks due before the next sweep are swept when they are due.
+    for member, entry, due in store.due_locks(
+            registry, now + (SWEEP_INTERVAL * 1000 if soon is not None else 0)):
+        if due > now and soon is not None:
+            soon(member, entry, (due - now) / 1000)
+        else:
+            woken += sweep_lock(app, store, registry, member, entry, soon)
+    return woken
 
 
 def sweep_lock(app: Celery, store: Store, registry: str, member: str, entry: RegistryEntry,

@@ -327,7 +327,9 @@ local function push(t, message)
     body = string.sub(message, nl + 1, i - 1) .. '"' .. t .. '.' .. now .. '"' ..
       string.sub(message, j + 1)
   end
-  redis.call('LPUSH', KQ, body)
+  -- At the head of its queue (kombu pops from the right): it has waited its turn in
+  -- line already, and must not wait again behind messages sent after it.
+  redis.call('RPUSH', KQ, body)
   return ''
 end
 
@@ -343,6 +345,8 @@ local function wake(limit, lease, out)
     if not message then break end
     redis.call('ZREM', KW, t)
     redis.call('ZADD', KH, now + lease, t)
+    -- A rate limit's holders expire with their newest start (ACQUIRE_LOCK): this one.
+    if redis.call('PTTL', KH) > 0 then redis.call('PEXPIRE', KH, lease) end
     out[#out + 1] = t
     out[#out + 1] = push(t, message)
     free = free - 1
@@ -814,8 +818,8 @@ class Scripts:
     #: ARGV: token, limit, lease ms, on_locked ("order", "retry" or "skip"), wait ms (unused:
     #: a job that asked keeps its place a lease ahead while it asks), '1' when this process
     #: asks again after losing the reply to its own ask, the run's "token:retries" (''
-    #: in eager mode), and '1' when the holders are never released (a rate limit's
-    #: starts): their key then expires with the newest one.
+    #: in eager mode), and, for a rate limit's start (its holders never released: their
+    #: key expires with the newest), how long (ms) the run is remembered as started.
     #: Returns {1, fence, ms since a release or sweep handed it the lock, or -1 when it took
     #: it itself} when taken (or already handed to this job); {2, token, -1} when
     #: another copy of this job holds it (see below); {3, token, -1} when this run of the job
@@ -832,7 +836,18 @@ class Scripts:
         redis.call('HDEL', KP, token)
       end
       redis.call('ZADD', KH, now + lease, token)
-      if ARGV[8] == '1' then redis.call('PEXPIRE', KH, lease) end
+      if ARGV[8] then
+        -- A rate limit's start: its holders expire with the newest; the run is
+        -- remembered, so that a copy of its message (a parked job handed a start again
+        -- when its first copy came late) is dropped instead of starting again.
+        redis.call('PEXPIRE', KH, lease)
+        if ARGV[7] ~= '' then
+          local keep = tonumber(ARGV[8])
+          redis.call('ZREMRANGEBYSCORE', KR, '-inf', now)
+          redis.call('ZADD', KR, now + keep, ARGV[7])
+          if redis.call('PTTL', KR) < keep then redis.call('PEXPIRE', KR, keep) end
+        end
+      end
       if KEYS[8] and redis.call('GET', KEYS[8]) == token then redis.call('DEL', KEYS[8]) end
       return {1, next_seq(), handed}
     end
@@ -888,13 +903,14 @@ class Scripts:
         ``asks_again``: this process lost the reply to its own ask; ``run``: the run's id
         (``wire.run_id``), '' in eager mode; ``queueing_key``: the job's queueing lock,
         released when the lock is taken; ``queue``: the job's queue, where parked kombu
-        messages woken are pushed; ``rate``: a rate limit's start (never released).
+        messages woken are pushed; ``rate``: a rate limit's start (never released; ``run``
+        is remembered as started: a late copy gets :attr:`Grant.RAN`).
         """
         keys = self._lock_keys(base, queue, queueing_key)
         args: list[Any] = [token, limit, lease_ms, mode, wait_ms, "1" if asks_again else "0",
                            run]
         if rate:
-            args.append("1")
+            args.append(max(60_000, 2 * lease_ms))  # as long as a lock's runs (lock.py)
         reply = _lock_reply(self._run(self._acquire_lock, keys, args))
         if queueing_key and self.cluster and reply.grant is Grant.TAKEN:
             # On a cluster the two keys live in different slots, which one script may not
@@ -918,8 +934,10 @@ class Scripts:
     redis.call('HSET', KP, token, ARGV[4])
     if KEYS[8] then
       -- Registered for the sweepers in the same script: a parked job is never left where
-      -- no sweep looks, whatever fails after this.
-      redis.call('ZADD', KEYS[8], now + lease, ARGV[5])
+      -- no sweep looks, whatever fails after this. Due when the first lease ends (a place
+      -- may free then: a rate limit's does), never later than it was already due.
+      local first = redis.call('ZRANGE', KH, 0, 0, 'WITHSCORES')[2]
+      redis.call('ZADD', KEYS[8], 'LT', first and tonumber(first) or now + lease, ARGV[5])
     end
     return wake(limit, lease, {0, holder(), redis.call('ZRANK', KW, token) or -1})
     """

@@ -61,11 +61,12 @@ class Store(Scripts):
         """Register a lock for the sweepers from here (a Cluster: :meth:`park` cannot)."""
         self.client.zadd(registry, {entry.member(): time.time() * 1000 + entry.lease_ms})
 
-    def due_locks(self, registry: str, now_ms: float, count: int = 100
-                  ) -> list[tuple[str, RegistryEntry]]:
-        """The registered locks due for a sweep: ``(member, entry)``."""
-        members = self.client.zrangebyscore(registry, "-inf", now_ms, start=0, num=count)
-        return [(text(m), RegistryEntry.parse(text(m))) for m in members]
+    def due_locks(self, registry: str, until_ms: float, count: int = 100
+                  ) -> list[tuple[str, RegistryEntry, float]]:
+        """The registered locks due for a sweep by ``until_ms``: ``(member, entry, due)``."""
+        members = self.client.zrangebyscore(registry, "-inf", until_ms, start=0, num=count,
+                                            withscores=True)
+        return [(text(m), RegistryEntry.parse(text(m)), float(due)) for m, due in members]
 
     def reschedule(self, registry: str, member: str, at_ms: float | None) -> None:
         """Look at a registered lock again at ``at_ms``; None: unregister it."""

@@ -17,6 +17,11 @@ from .conftest import Worker
 pytestmark = pytest.mark.acceptance
 
 
+#: A pool process's delay between its start's grant and its job's first line, on a
+#: machine loaded by the tests running beside it (s).
+SCHEDULING = 0.05
+
+
 def most_in_a_window(times: list[float], period: float) -> int:
     """The most starts any window of ``period`` seconds holds (each window opening at a
     start: the fullest one does)."""
@@ -59,7 +64,11 @@ def test_two_workers_never_start_more_than_the_limit_in_any_window(
         seen = starts()
         assert sorted(n for n, _ in seen) == list(range(jobs))  # each once, none lost
         times = [t for _, t in seen]
-        assert most_in_a_window(times, 1.0) <= rate
+        # The limit holds on the store's clock, where starts are granted (exactly: see
+        # tests/integration/test_lock.py); a job's own clock reads its start after it was
+        # granted, by a scheduling delay that a loaded machine stretches past the 5 ms
+        # the period is given beyond its second: windows of the period less 50 ms.
+        assert most_in_a_window(times, 1.0 - SCHEDULING) <= rate
         # In creation order: a later job never starts more than a burst's spread before
         # an earlier one (the jobs a sweep hands a start together race to their workers).
         by_n = dict(seen)
@@ -75,3 +84,26 @@ def test_two_workers_never_start_more_than_the_limit_in_any_window(
     finally:
         for worker in workers:
             worker.stop()
+
+
+def test_a_job_revoked_before_its_start_gives_its_place_back(
+    tasks: Any, store: redis.Redis, coord: redis.Redis, worker: Any
+) -> None:
+    """A rate-limited job takes its place in the limit's line at enqueue; revoked before
+    a worker starts it, it gives the place back when the worker discards it (it was
+    never a start), and a job behind it is not held up."""
+    run, queue = uuid.uuid4().hex[:12], f"rate-revoked-{uuid.uuid4().hex[:8]}"
+    line = f"celery_unique:r:{{rl_{run}}}:line"
+    revoked = tasks.rate_limited.apply_async((run, 0), queue=queue)
+    behind = tasks.rate_limited.apply_async((run, 1), queue=queue)
+    assert store.zscore(line, revoked.id) is not None
+    revoked.revoke()
+    tasks.app.control.add_consumer(queue, destination=[worker.hostname], reply=True)
+    try:
+        assert behind.get(timeout=20) == 1
+        wait_for(lambda: store.zscore(line, revoked.id) is None, timeout=10,
+                 what="the revoked job's place to be given back")
+        assert [json.loads(s)[0] for s in coord.lrange(f"starts:{run}", 0, -1)] == [1]
+        assert not store.zscore(f"celery_unique:r:{{rl_{run}}}:holders", revoked.id)
+    finally:
+        tasks.app.control.cancel_consumer(queue, destination=[worker.hostname], reply=True)

@@ -402,3 +402,84 @@ def test_a_job_coming_back_after_its_place_expired_still_waits_in_line(
     assert reply[0] == 0 and reply[1] == "second" and reply[2] == 0, reply
     lock.park("first", "message-first")
     assert lock.release("second")[1:] == ["first", "message-first"]
+
+
+def test_a_rate_limits_starts_outlive_the_key_s_lease_when_handed_on(
+    unique_redis_server: RedisServer,
+) -> None:
+    """A rate limit's holders key expires with its newest start (nothing releases it).
+    A start the sweep hands a parked job is newer than the last one its workers took:
+    the key must live until it ends too, or the limit would be forgotten and more jobs
+    start than it allows."""
+    store = make_store(unique_redis_server)
+    base = f"celery_unique:r:{{rate-{uuid.uuid4().hex[:8]}}}"
+
+    def ask(token: str) -> int:
+        return int(store.acquire_lock(base, token=token, limit=2, lease_ms=300, mode="order",
+                                      wait_ms=60_000, rate=True).grant)
+
+    assert ask("a") == 1
+    time.sleep(0.15)  # the scenario's timing: b starts half a period later
+    assert ask("b") == 1  # the key now lives until b's start ends (t = 450 ms)
+    assert ask("c") == 0
+    store.park(base, token="c", limit=2, lease_ms=300, message="parked c")
+    wait_for(lambda: store.sweep_lock(base, limit=2, lease_ms=300).woken, timeout=2,
+             what="a's period to end and c to be handed a start")  # t = 300: until 600
+    time.sleep(0.2)  # t = 500: b's period has ended, c's has not
+    assert [ask(t) for t in ("d", "e")] == [1, 0], "c's start was forgotten"
+
+
+def test_a_rate_limited_job_handed_its_start_twice_starts_once(
+    unique_redis_server: RedisServer,
+) -> None:
+    """A parked job handed a start whose message comes late (behind a backlog) is handed
+    one again when that start's period ends, and its message published again: two copies.
+    The first to ask starts; the other is told its run started already."""
+    store = make_store(unique_redis_server)
+    base = f"celery_unique:r:{{rate-{uuid.uuid4().hex[:8]}}}"
+
+    def ask(token: str) -> Grant:
+        return store.acquire_lock(base, token=token, limit=1, lease_ms=200, mode="order",
+                                  wait_ms=60_000, run=token, rate=True).grant
+
+    assert ask("a") is Grant.TAKEN
+    assert ask("b") is Grant.WAIT
+    store.park(base, token="b", limit=1, lease_ms=200, message="parked b")
+    for _ in range(2):  # handed, and, its copy not come, handed again: published twice
+        wait_for(lambda: [w.token for w in store.sweep_lock(base, limit=1, lease_ms=200
+                                                            ).woken] == ["b"],
+                 timeout=2, what="b to be handed its start")
+    assert [ask("b"), ask("b")] == [Grant.TAKEN, Grant.RAN]
+
+
+def test_a_rate_limit_holds_exactly_on_the_store_s_clock(
+    unique_redis_server: RedisServer,
+) -> None:
+    """Six threads ask for starts under one rate limit (5 per 200 ms) as fast as they
+    can for 1.5 s, each ask a run of its own. The starts' grant times, on the store's
+    clock (each run is remembered from its grant), never put more than 5 in any window
+    of 200 ms, and the limit is used (no window longer than the period is idle)."""
+    import threading
+
+    store = make_store(unique_redis_server)
+    base = f"celery_unique:r:{{rate-{uuid.uuid4().hex[:8]}}}"
+    lease, keep = 200 + 5, 60_000
+    until = time.monotonic() + 1.5
+
+    def asker() -> None:
+        while time.monotonic() < until:
+            token = uuid.uuid4().hex
+            store.acquire_lock(base, token=token, limit=5, lease_ms=lease, mode="skip",
+                               wait_ms=0, run=token, rate=True)
+
+    threads = [threading.Thread(target=asker) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    granted = sorted(score - keep for _, score in store.client.zrange(
+        f"{base}:ran", 0, -1, withscores=True))
+    fullest = max(sum(1 for t in granted[i:] if t < start + 200)
+                  for i, start in enumerate(granted))
+    assert fullest == 5, fullest
+    assert len(granted) >= 5 * 1.5 / 0.21 - 5, len(granted)
