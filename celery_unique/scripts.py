@@ -342,7 +342,15 @@ local function wake(limit, lease, out)
     local t = front(1)[1]
     if not t then break end
     local message = redis.call('HGET', KP, t)
-    if not message then break end
+    if not message then
+      -- The first is on its way to a worker while jobs behind it wait parked (they
+      -- reached one): it has one lease from now, as arrived() gives the front.
+      local deadline = redis.call('ZSCORE', KE, t)
+      if deadline and tonumber(deadline) > now + lease and redis.call('HLEN', KP) > 0 then
+        redis.call('ZADD', KE, now + lease, t)
+      end
+      break
+    end
     redis.call('ZREM', KW, t)
     redis.call('ZADD', KH, now + lease, t)
     -- A rate limit's holders expire with their newest start (ACQUIRE_LOCK): this one.
@@ -378,7 +386,10 @@ local function arrived(tokens, lease)
     end
   end
   if first and first > 0 then
-    for _, e in ipairs(redis.call('ZRANGE', KW, 0, first - 1)) do
+    -- Only the front of the line is looked at (it is what blocks): a job arriving behind
+    -- thousands (a rate limit's backlog) costs no more than one behind a few. Deeper
+    -- entries are cut when they reach the front (wake).
+    for _, e in ipairs(redis.call('ZRANGE', KW, 0, math.min(first, 64) - 1)) do
       local deadline = redis.call('ZSCORE', KE, e)
       if deadline and tonumber(deadline) > now + lease then
         redis.call('ZADD', KE, now + lease, e)

@@ -483,3 +483,30 @@ def test_a_rate_limit_holds_exactly_on_the_store_s_clock(
                   for i, start in enumerate(granted))
     assert fullest == 5, fullest
     assert len(granted) >= 5 * 1.5 / 0.21 - 5, len(granted)
+
+
+def test_a_job_arriving_behind_a_long_line_costs_what_one_behind_a_few_does(
+    unique_redis_server: RedisServer,
+) -> None:
+    """A rate limit's backlog puts thousands in one line. A job reaching a worker cuts
+    the places of the jobs ahead of it still on their way to one lease: only the front
+    of the line is looked at, not every place ahead (that made each ask cost the line's
+    length). A job on its way deep in the line is cut when it reaches the front, by the
+    wake that finds parked jobs behind it; then, not arriving, it is given up."""
+    store = make_store(unique_redis_server)
+    lock = Lock(store, limit=1, lease=300)
+    assert lock.acquire("holder")[0] == 1
+    for n in range(500):
+        store.enter_line(lock.base, f"job-{n}", 3_600_000)
+
+    def zscores() -> int:
+        return int(store.client.info("commandstats")["cmdstat_zscore"]["calls"])
+
+    before = zscores()
+    assert lock.acquire("job-499")[0] == 0  # the back of the line reaches a worker
+    assert zscores() - before < 100
+    lock.park("job-499", "parked 499")
+    # The front (job-0) never comes: once the holder's lease ends, the wake finds it
+    # on its way with a job parked behind it, and gives it one lease.
+    wait_for(lambda: lock.sweep() and store.client.zscore(f"{lock.base}:arrival", "job-0")
+             < time.time() * 1000 + 1000, timeout=3, what="job-0's place to be cut")
