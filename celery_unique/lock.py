@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Celery, Signature, Task
 from celery.exceptions import Ignore, Reject, Retry
@@ -324,8 +324,17 @@ def _start_under_rate(task: Task, run: JobRun, header: JobHeader, policy: str) -
             break
         time.sleep(delay)  # eager mode: the caller waits for a start
         delay = min(delay * 2, _EAGER_POLL[1])
+    _over_rate(task, run, header, store, token)
+
+
+def _over_rate(task: Task, run: JobRun, header: JobHeader, store: Store, token: str
+               ) -> NoReturn:
+    """The job is over its rate limit: skipped (``REVOKED``, :class:`RateLimited`) or
+    parked in the limit's line; raises Ignore."""
+    rate, request = header.rate, task.request
+    assert rate is not None
     run.parked = True  # its end releases nothing: it runs later, or never
-    if action == "skipped":
+    if rate.mode == "skip":
         limited = RateLimited(f"{task.name}[{request.id}] skipped: over its rate limit"
                               f" {rate.limit} per {rate.lease_ms - RATE_GUARD_MS} ms"
                               f" ({rate.base})", key=rate.base, task_id=request.id)
