@@ -528,3 +528,30 @@ def test_over_its_rate_limit_a_job_is_skipped_revoked(app: Celery, fake_redis: A
                                 for k in ("acme", "other") for suffix in ("holders", "ran",
                                                                           "seq")]
     assert 59_000 < fake_redis.pttl("celery_unique:r:{api_acme}:holders") <= 60_005
+
+
+def test_tasks_naming_the_same_rate_limit_key_share_its_limit(
+    app: Celery, fake_redis: Any
+) -> None:
+    """A template names a shared resource (the locks' rule): two tasks limited under
+    ``api_{account}`` count their starts together; ``True`` is the task's own."""
+    app.conf.task_always_eager = True
+
+    @app.task(base=UniqueTask, global_rate_limit="2/m", rate_limit_key="api_{account}",
+              on_rate_limited="skip", shared=False)
+    def fetch(account: str) -> str:
+        return account
+
+    @app.task(base=UniqueTask, global_rate_limit="2/m", rate_limit_key="api_{account}",
+              on_rate_limited="skip", shared=False)
+    def push(account: str) -> str:
+        return account
+
+    @app.task(base=UniqueTask, global_rate_limit="2/m", rate_limit_key=True,
+              on_rate_limited="skip", shared=False)
+    def own(account: str) -> str:
+        return account
+
+    states = [fetch.delay("acme").state, push.delay("acme").state, push.delay("acme").state,
+              own.delay("acme").state]
+    assert states == ["SUCCESS", "SUCCESS", "REVOKED", "SUCCESS"]
