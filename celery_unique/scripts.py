@@ -1158,7 +1158,9 @@ class Pending(Generic[T]):
     the server does not know yet, falls back to the synchronous call. Every script is
     safe to repeat that way (as through redis-py's own retries): each is idempotent, or
     tells its repeat from its first run and errs on the safe side (``ACQUIRE_LOCK`` takes
-    a repeat for a copy of the job, which waits one lease and never runs beside it).
+    a repeat for a copy of the job, which waits one lease and never runs beside it; for
+    a rate limit's start, a repeat is taken for a copy that started already and dropped:
+    never a start too many, but a job lost: see the guarantees page).
     """
 
     __slots__ = ("_args", "_conn", "_conns", "_keys", "_parse", "_reply", "_run", "_script")
