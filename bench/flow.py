@@ -12,13 +12,17 @@ processes (``celery worker``, prefork ``-c 2`` each) consuming one queue.
 2. **Cost per start.** Scripts run per job (``EVALSHA`` in ``INFO commandstats``), its
    enqueue and its run, rate-limited jobs whose limit is never reached against plain
    ones, nothing else running.
-3. **Jobs without a limit are not slowed.** While the limited backlog waits, a plain
-   job is sent every 50 ms to a queue of its own that the same workers consume; their
-   start latency (start minus send), p50 and p99, against the same stream alone.
+3. **Jobs without a limit are not slowed.** A plain job is sent every 50 ms to a queue
+   of its own that the same workers consume; its start latency (start minus send), p50
+   and p99, in rounds of ``--window`` seconds whose order rotates (each kind's samples
+   pooled): alone; beside the same jobs without a limit, sent at the rate (what running
+   them costs); beside a limited backlog published at once and flowing at the limit
+   (what waiting adds). Also during the precision runs.
 4. **Replace and debounce per call**, in this process: µs and scripts per call
    against a plain ``apply_async``, in paired rounds whose order changes every round.
 
     python bench/flow.py [--seconds 60] [--rate 50] [--workers 4] [--rounds 21]
+                         [--pairs 6] [--window 5]
 """
 
 from __future__ import annotations
@@ -116,27 +120,26 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def streamed(during: Any) -> dict[str, float]:
-    """Start latency p50/p99 (s) of a plain stream sent while ``during()`` runs; p99 also
-    of those sent after ``during()`` returned a time (the backlog's intake over)."""
+def stream_during(during: Any) -> tuple[list[float], Any]:
+    """Start latencies (s) of a plain stream sent while ``during()`` runs, and what it
+    returned."""
     run, stop = uuid.uuid4().hex, threading.Event()
     streamer = threading.Thread(target=stream_plain, args=(run, stop))
     streamer.start()
     try:
-        settled_at = during()
+        returned = during()
     finally:
         stop.set()
         streamer.join()
     wait_for(lambda: len(rows(run)) >= 1, timeout=30, what="the plain stream")
     sent = len(rows(run))
     wait_for(lambda: len(rows(run)) >= sent, timeout=30, what="the plain stream's end")
-    got = rows(run)
-    lat = sorted(start - at for _, start, at in got)
-    # Once the backlog has been taken in (every job received, asked, parked), what the
-    # waiting jobs cost the others.
-    settled = sorted(start - at for _, start, at in got if at > (settled_at or 0))
-    return {"p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99), "jobs": len(lat),
-            "p99_settled": percentile(settled, 0.99) if settled else float("nan")}
+    return sorted(start - at for _, start, at in rows(run)), returned
+
+
+def publish_limited(run: str, jobs: int, rate: int) -> None:
+    for n in range(jobs):
+        limited.apply_async((run, n), global_rate_limit=f"{rate}/s")
 
 
 def precision(name: str, jobs: int, rate: int, cap: float) -> dict[str, Any]:
@@ -144,26 +147,57 @@ def precision(name: str, jobs: int, rate: int, cap: float) -> dict[str, Any]:
     most: then those started are measured), a plain stream sent meanwhile; the fullest
     second, the rate after the first burst, the stream's latency."""
     task, run = app.tasks[name], f"{name}-{uuid.uuid4().hex[:8]}"
-    options = {"global_rate_limit": f"{rate}/s"} if name == "flow.limited" else {}
 
-    def publish_and_wait() -> float:
-        for n in range(jobs):
-            task.apply_async((run, n), **options)
+    def publish_and_wait() -> None:
+        if name == "flow.limited":
+            publish_limited(run, jobs, rate)
+        else:
+            for n in range(jobs):
+                task.apply_async((run, n))
         until = time.monotonic() + cap
-        parked = redis.Redis.from_url(f"{SERVER}/0")
-        # Taken in: every job started or parked (Celery's own holds jobs in its workers).
-        wait_for(lambda: len(rows(run)) + parked.hlen("celery_unique:r:{bench}:parked")
-                 >= jobs or time.monotonic() > until, timeout=cap + 10, interval=0.05,
-                 what=f"{jobs} {name} jobs to be taken in")
-        taken_in = time.time()
         wait_for(lambda: len(rows(run)) >= jobs or time.monotonic() > until,
                  timeout=cap + 10, interval=0.2, what=f"{jobs} {name} jobs")
-        return taken_in
 
-    latency = streamed(publish_and_wait)  # type: ignore[arg-type]
+    latency, _ = stream_during(publish_and_wait)
     times = sorted(start for _, start, _ in rows(run))
     return {"fullest": fullest(times), "started": len(times),
-            "achieved": (len(times) - rate) / (times[-1] - times[0]), **latency}
+            "achieved": (len(times) - rate) / (times[-1] - times[0]),
+            "p50": percentile(latency, 0.5), "p99": percentile(latency, 0.99)}
+
+
+def publish_paced(run: str, jobs: int, rate: int) -> None:
+    """The same jobs without a limit, sent as the limit would start them: ``rate`` at
+    once, then one every ``1/rate`` s."""
+    for n in range(jobs):
+        if n >= rate:
+            time.sleep(1 / rate)
+        limited.apply_async((run, n))
+
+
+KINDS = ("alone", "paced", "limited")
+
+
+def paired_latency(pairs: int, window: float, rate: int) -> dict[str, list[float]]:
+    """The plain stream's latencies in ``pairs`` rounds of each kind, ``window`` seconds
+    each, the order rotating: alone; beside the same jobs without a limit, sent at
+    ``rate`` (what running them costs the others); beside a limited backlog flowing at
+    ``rate`` (what waiting adds)."""
+    pooled: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    for r in range(pairs):
+        for kind in KINDS[r % 3:] + KINDS[:r % 3]:
+            run, jobs = uuid.uuid4().hex, int(rate * window)
+
+            def during(kind: str = kind, run: str = run, jobs: int = jobs) -> None:
+                if kind == "alone":
+                    time.sleep(window)
+                    return
+                (publish_limited if kind == "limited" else publish_paced)(run, jobs, rate)
+                wait_for(lambda: len(rows(run)) >= jobs, timeout=window * 3 + 30,
+                         interval=0.05, what=f"the {kind} jobs")
+
+            latency, _ = stream_during(during)
+            pooled[kind] += latency
+    return {kind: sorted(values) for kind, values in pooled.items()}
 
 
 def commands_per_job(name: str, jobs: int, client: redis.Redis, **options: Any) -> float:
@@ -206,6 +240,8 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=50)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--pairs", type=int, default=6, help="rounds of each kind")
+    parser.add_argument("--window", type=float, default=5.0)
     opts = parser.parse_args()
     jobs = opts.rate * (opts.seconds + 1)
 
@@ -234,8 +270,8 @@ def main() -> None:
                     task == "flow.limited") else app.tasks[task].apply_async((run, n))
             wait_for(lambda run=run: len(rows(run)) >= 8 * opts.workers, timeout=120,
                      what="the workers to be ready")
-        alone = streamed(lambda: time.sleep(opts.seconds / 2))
         ours = precision("flow.limited", jobs, opts.rate, jobs / opts.rate * 3 + 60)
+        paired = paired_latency(opts.pairs, opts.window, opts.rate)
         cost = {name: statistics.median(commands_per_job(name, 500, client, **options)
                                         for _ in range(3))
                 for name, options in (("flow.plain", {}), ("flow.limited", {
@@ -265,13 +301,21 @@ def main() -> None:
           f" waiting): plain {cost['flow.plain']:.2f}, rate-limited"
           f" {cost['flow.limited']:.2f}: the enqueue's push, in place of kombu's LPUSH,"
           f" and one round trip at the start")
+    alone, paced, beside = paired["alone"], paired["paced"], paired["limited"]
+
+    def p(values: list[float]) -> str:
+        return f"{percentile(values, 0.5) * 1e3:.1f} / {percentile(values, 0.99) * 1e3:.1f}"
+
     print(f"plain jobs every 50 ms on their own queue, same workers, start latency p50 / p99"
-          f" (ms): alone {alone['p50'] * 1e3:.1f} / {alone['p99'] * 1e3:.1f}; beside the"
-          f" limited backlog {ours['p50'] * 1e3:.1f} / {ours['p99'] * 1e3:.1f} (p99"
-          f" {ours['p99'] / alone['p99']:.2f}x alone); p99 once the backlog is taken in"
-          f" (every job received and parked): alone {alone['p99_settled'] * 1e3:.1f}, beside it"
-          f" {ours['p99_settled'] * 1e3:.1f} ({ours['p99_settled'] / alone['p99_settled']:.2f}x);"
-          f" beside Celery's {celerys['p50'] * 1e3:.1f} / {celerys['p99'] * 1e3:.1f}")
+          f" (ms), {opts.pairs} rounds of {opts.window:g} s per kind, rotating"
+          f" ({len(alone)}, {len(paced)}, {len(beside)} jobs): alone {p(alone)}; beside the"
+          f" same jobs at {opts.rate}/s without a limit {p(paced)}; beside a limited backlog"
+          f" flowing at {opts.rate}/s {p(beside)} (p99"
+          f" {percentile(beside, 0.99) / percentile(paced, 0.99):.2f}x the unlimited jobs',"
+          f" {percentile(beside, 0.99) / percentile(alone, 0.99):.2f}x alone)")
+    print(f"  during the precision runs: beside global_rate_limit {ours['p50'] * 1e3:.1f} /"
+          f" {ours['p99'] * 1e3:.1f}; beside Celery's rate_limit {celerys['p50'] * 1e3:.1f}"
+          f" / {celerys['p99'] * 1e3:.1f}")
     print(f"per call, median of {opts.rounds} paired rounds of 200 (this process):")
     for name, (micros, sent) in calls.items():
         print(f"  {name:<9} {micros:7.0f} µs  {sent:.2f} scripts"

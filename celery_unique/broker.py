@@ -88,7 +88,9 @@ class Push:
     lock that frees itself soon; 0: ``ttl_ms`` from the start. ``replace``: the queueing
     lock is taken from a holder that has not started, which is then replaced
     (:attr:`replaced` names it once published). ``lock_check``: nothing is published
-    while this execution lock is held (``lock_check_at_enqueue``).
+    while this execution lock is held (``lock_check_at_enqueue``). ``park_in``: the
+    sweepers' registry, when ``line`` is a rate limit's: on the atomic path a job that
+    would wait for its turn is parked there at once, never pushed (:attr:`parked`).
     """
 
     __slots__ = (
@@ -96,6 +98,8 @@ class Push:
         "captured",
         "line",
         "lock_check",
+        "park_in",
+        "parked",
         "publish_ms",
         "pushed",
         "queueing_key",
@@ -109,15 +113,15 @@ class Push:
 
     def __init__(self, store: Store, task_id: str, queueing_key: str | None = None,
                  ttl_ms: int = 0, line: Lock | None = None, capture: bool = False,
-                 publish_ms: int = 0, replace: bool = False, lock_check: Lock | None = None
-                 ) -> None:
+                 publish_ms: int = 0, replace: bool = False, lock_check: Lock | None = None,
+                 park_in: str | None = None) -> None:
         self.store, self.task_id = store, task_id
         self.queueing_key, self.ttl_ms, self.line = queueing_key, ttl_ms, line
         self.capture, self.publish_ms, self.replace = capture, publish_ms, replace
         self.captured: str | None = None
-        self.pushed = self.refused = False
+        self.pushed = self.refused = self.parked = False
         self.replaced = ""
-        self.lock_check = lock_check
+        self.lock_check, self.park_in = lock_check, park_in
 
     def publish(self, app: Celery, publish: Publish, producer: Any, options: dict[str, Any],
                 *, eager: bool, held: bool, task: Task, on_store_error: str) -> AsyncResult:
@@ -245,17 +249,19 @@ class Push:
             # server: the locks first, then kombu's own put.
             self.take()
             return _kombu.put(channel, queue, message, **kwargs)
+        if self.park_in is not None:
+            # It may be parked as it is (the script decides): under the tag a parked
+            # message carries, replaced at each push.
+            message["properties"]["delivery_tag"] = ParkedMessage.captured_tag(self.task_id)
         with channel.conn_or_acquire() as client:
             # The channel is this thread's until the publish ends: it keeps the connection.
             taken = self.store.push_with_locks(
                 client, channel, queue=key, message=_dumps(message), token=self.task_id,
-                queueing_key=self.queueing_key, ttl_ms=self.ttl_ms,
-                line_base=self.line.base if self.line else None,
-                wait_ms=self.line.wait_ms if self.line else 0, replace=self.replace,
-                lock_check=self.lock_check)
+                queueing_key=self.queueing_key, ttl_ms=self.ttl_ms, line=self.line,
+                replace=self.replace, lock_check=self.lock_check, park_in=self.park_in)
         self.refused = not taken.taken
         self.replaced = taken.check()
-        self.pushed = True
+        self.pushed, self.parked = True, taken.parked
 
     def take(self, check: bool = True) -> None:
         """Take the locks with the store's own commands (kombu pushes the message);
@@ -344,24 +350,42 @@ def capture(app: Celery, store: Store, task: Task, sig: Signature) -> str:
 
 def publish_woken(app: Celery, store: Store, woken: list[Woken]) -> None:
     """Publish the parked jobs a script handed the lock (those it did not push itself)."""
-    for token, message in woken:
-        if not message:
-            continue  # pushed onto its queue by the script that woke it
+    parked: list[tuple[str, ParkedMessage | ParkedSignature]] = []
+    for token, text in woken:
+        if text:  # else pushed onto its queue by the script that woke it
+            try:
+                parked.append((token, decode_parked(text)))
+            except Exception:
+                _not_published([token])
+    messages = [(token, p) for token, p in parked if isinstance(p, ParkedMessage)]
+    if messages:
+        # kombu's messages for another queue than the caller's: pushed from here, under a
+        # fresh delivery tag, at the head of their queue, the front of the line last, as
+        # the script would; all in one round trip (a sweep hands on a rate limit's starts
+        # many at once: one by one, the last waited for the others' round trips).
         try:
-            parked = decode_parked(message)
-            if isinstance(parked, ParkedMessage):
-                # kombu's message for another queue than the caller's: pushed from here,
-                # under a fresh delivery tag, at the head of its queue, as the script would.
-                store.client.rpush(parked.queue, parked.fresh_body(token))
-            else:
-                sig = Signature(parked.signature(), app=app)
+            with store.client.pipeline(transaction=False) as pipe:
+                for token, message in reversed(messages):
+                    pipe.rpush(message.queue, message.fresh_body(token))
+                pipe.execute()
+        except Exception:
+            _not_published([token for token, _ in messages])
+    for token, signature in parked:
+        if isinstance(signature, ParkedSignature):
+            try:
+                sig = Signature(signature.signature(), app=app)
                 # Task.apply_async, not UniqueTask's: the job holds its queueing lock and
                 # its lock already.
                 Task.apply_async(app.tasks[sig.task], sig.args, sig.kwargs, **sig.options)
-        except Exception:
-            # Its place is kept: the lease it was handed runs out, and it goes back to
-            # the front of the line, published again by the next release or sweep.
-            logger.exception("celery-unique: could not publish %s, handed its lock", token)
+            except Exception:
+                _not_published([token])
+
+
+def _not_published(tokens: list[str]) -> None:
+    # Their places are kept: the lease they were handed runs out, and they go back to the
+    # front of the line, published again by the next release or sweep.
+    logger.exception("celery-unique: could not publish %s, handed the lock",
+                     ", ".join(tokens))
 
 
 # -- the decision, once per app and store ------------------------------------------------

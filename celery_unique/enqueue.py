@@ -29,9 +29,9 @@ from celery.utils import uuid
 from . import signals as unique_signals
 from .broker import Push
 from .exceptions import AlreadyQueued, ConfigurationError, Replaced
-from .keys import CompiledSpec
+from .keys import CompiledSpec, registry_key
 from .scripts import Duplicate
-from .settings import Resolved
+from .settings import Resolved, setting
 from .state import app_state
 from .store import store_of
 from .wire import HEADER, JobHeader, Lock, now_ms, set_placed, wait_seconds
@@ -105,7 +105,8 @@ class Enqueue:
         options["headers"] = {**headers, HEADER: value}
         push = Push(self.store, self.task_id, key, header.lease_ms + int(1000 * wait), line,
                     publish_ms=int(values.publish_lease * 1000), replace=values.replaces,
-                    lock_check=header.lock_to_check(values.lock_check_at_enqueue))
+                    lock_check=header.lock_to_check(values.lock_check_at_enqueue),
+                    park_in=self._registry() if line is header.rate else None)
         held = key is not None and key in self.state.held_keys
         try:
             result = push.publish(self.app, publish, producer, options, eager=eager, held=held,
@@ -116,7 +117,15 @@ class Enqueue:
             self.state.held_keys.pop(key or "", None)
         if push.replaced:
             self._replaced(key or "", push.replaced)
+        if push.parked:
+            unique_signals.rate_limited.send(sender=job.sender, key=line.base if line else "",
+                                             task_id=self.task_id, action="parked")
         return result
+
+    def _registry(self) -> str:
+        """The sweepers' registry, where a rate-limited job waiting for its turn is
+        parked at enqueue (on the atomic path)."""
+        return registry_key(setting(self.app, "unique_key_prefix"))
 
     def _debounce(self, key: str, values: Resolved, options: dict[str, Any]) -> None:
         """A debounced call's countdown: ``debounce``, cut so that the burst's first call

@@ -15,6 +15,7 @@ import contextlib
 import enum
 import inspect
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
@@ -79,6 +80,9 @@ class Taken(NamedTuple):
     #: Refused because the job's execution lock is held by ``holder``, running
     #: (``lock_check_at_enqueue``); nothing was taken.
     running: bool = False
+    #: Taken, and the job parked in its rate limit's line instead of pushed: it waits
+    #: for its turn there (:meth:`Scripts.push_with_locks`).
+    parked: bool = False
 
     def check(self) -> str:
         """Raise :class:`Duplicate` unless the lock was taken; return :attr:`replaced`."""
@@ -174,6 +178,8 @@ def _taken(token: str, ttl_ms: int) -> Callable[[Any], Taken]:
     def parse(reply: Any) -> Taken:
         if reply is None:
             return Taken(True, token, ttl_ms)
+        if len(reply) > 3:  # parked, maybe after replacing a holder
+            return Taken(True, token, ttl_ms, text(reply[0]), int(reply[1]), parked=True)
         if len(reply) > 2 and reply[2] == b"r":  # taken from a job it replaced
             return Taken(True, token, ttl_ms, text(reply[0]), int(reply[1]))
         return Taken(False, text(reply[0]), int(reply[1]), running=len(reply) > 2)
@@ -242,6 +248,29 @@ local function lock_held(holders, limit)
                           'LIMIT', 0, limit)
   if #live < 2 * limit then return false end
   return {live[1], tonumber(live[2]) - now, 'l'}
+end
+"""
+
+#: A job entering a line at enqueue (a rate limit's) that would wait for its turn: it is
+#: parked there at once, its message never pushed to a worker, as PARK would park it
+#: (kombu's message "\x01queue\nmessage", registered for the sweepers, due when the
+#: first lease ends). It would wait when the live holders and the places ahead of it
+#: fill the limit (a place ahead given up later is found by the sweep). Only while a
+#: start is live: a worker granted it, so a worker sweeps (a worker whose tasks get a
+#: rate limit per call sweeps from the first such job it receives); with none, the job
+#: is pushed and waits at a worker, as off the atomic path. Returns whether it was parked.
+_PARK_AT_ENQUEUE_FUNCTION = """
+local function park_at_enqueue(line, arrival, holders, parked, registry, token, limit,
+                               lease, member, queue, message)
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  local live = redis.call('ZCOUNT', holders, '(' .. now, '+inf')
+  if live == 0 or live + redis.call('ZRANK', line, token) < limit then return false end
+  redis.call('ZREM', arrival, token)
+  redis.call('HSET', parked, token, '\\001' .. queue .. '\\n' .. message)
+  local first = redis.call('ZRANGE', holders, 0, 0, 'WITHSCORES')[2]
+  redis.call('ZADD', registry, 'LT', first and tonumber(first) or now + lease, member)
+  return true
 end
 """
 
@@ -314,9 +343,9 @@ local function front(n)
   end
 end
 
--- A parked kombu message for KQ is pushed now ('' left for the caller), under a fresh
--- delivery tag: a message pushed twice must not share kombu's unacked entry.
-local function push(t, message)
+-- A parked kombu message for KQ is kept in bodies to push ('' left for the caller), under a
+-- fresh delivery tag: a message pushed twice must not share kombu's unacked entry.
+local function push(t, message, bodies)
   if string.byte(message, 1) ~= 1 or not KQ or KQ == '' then return message end
   local nl = string.find(message, '\\n', 2, true)
   if string.sub(message, 2, nl - 1) ~= KQ then return message end
@@ -327,9 +356,7 @@ local function push(t, message)
     body = string.sub(message, nl + 1, i - 1) .. '"' .. t .. '.' .. now .. '"' ..
       string.sub(message, j + 1)
   end
-  -- At the head of its queue (kombu pops from the right): it has waited its turn in
-  -- line already, and must not wait again behind messages sent after it.
-  redis.call('RPUSH', KQ, body)
+  bodies[#bodies + 1] = body
   return ''
 end
 
@@ -338,6 +365,7 @@ end
 -- worker (it takes its place there).
 local function wake(limit, lease, out)
   local free = limit - redis.call('ZCARD', KH)
+  local bodies = {}
   while free > 0 do
     local t = front(1)[1]
     if not t then break end
@@ -356,9 +384,13 @@ local function wake(limit, lease, out)
     -- A rate limit's holders expire with their newest start (ACQUIRE_LOCK): this one.
     if redis.call('PTTL', KH) > 0 then redis.call('PEXPIRE', KH, lease) end
     out[#out + 1] = t
-    out[#out + 1] = push(t, message)
+    out[#out + 1] = push(t, message, bodies)
     free = free - 1
   end
+  -- At the head of its queue (kombu pops from the right): they have waited their turn in
+  -- line already, and must not wait again behind messages sent after them; the front of
+  -- the line pushed last, popped first.
+  for i = #bodies, 1, -1 do redis.call('RPUSH', KQ, bodies[i]) end
   return out
 end
 
@@ -711,56 +743,82 @@ class Scripts:
 
     #: The atomic enqueue (a Redis broker whose server and database hold the locks): the
     #: message is pushed where kombu would push it, with its locks, or not at all.
-    #: KEYS[1]: the queue's list (kombu's key, its priority included); then the queueing
-    #: lock's key when ARGV[3] is set, and its replaced jobs when ARGV[5] is set; then the
-    #: lock's line, seq and arrival keys when ARGV[4] is set. ARGV[1]: the message as kombu
-    #: would push it; ARGV[2]: the owner's token (the job's task id); ARGV[3]: the queueing
-    #: lock's lease in ms, or ''; ARGV[4]: the ms the job may take to reach a worker before
-    #: its place in line is given up, or ''; ARGV[5]: '1' to replace a holder that has not
-    #: started (``on_duplicate="replace"``), or ''; ARGV[6] (optional): the execution
-    #: lock's limit, to push nothing while that many jobs hold it (KEYS' last: its holders).
+    #: KEYS, in this order, each group only when its ARGV is set: the queue's list (kombu's
+    #: key, its priority included); the execution lock's holders (ARGV[6]); the queueing
+    #: lock's key (ARGV[3]) and its replaced jobs (ARGV[5]); the line's line, seq and
+    #: arrival keys (ARGV[4]); the line's holders and parked keys and the sweepers'
+    #: registry (ARGV[7]). ARGV[1]: the message as kombu would push it; ARGV[2]: the
+    #: owner's token (the job's task id); ARGV[3]: the queueing lock's lease in ms, or '';
+    #: ARGV[4]: the ms the job may take to reach a worker before its place in line is
+    #: given up, or ''; ARGV[5]: '1' to replace a holder that has not started
+    #: (``on_duplicate="replace"``), or ''; ARGV[6]: the execution lock's limit, to push
+    #: nothing while that many jobs hold it (``lock_check_at_enqueue``), or ''; ARGV[7],
+    #: ARGV[8], ARGV[9]: the line's limit, lease (ms) and registry entry, to park the job
+    #: at once when it would wait for its turn (a rate limit's line), or ''.
     #: Returns nil when pushed (the queueing lock taken, or already held by this owner, as
     #: ACQUIRE_QUEUEING_LOCK), ``{replaced holder, its PTTL, 'r'}`` when pushed after taking
-    #: the lock from a holder it replaced, else ``{holder's token, holder's PTTL}`` (or
-    #: ACQUIRE_QUEUEING_LOCK's ``'l'`` reply) and nothing is written.
-    PUSH_WITH_LOCKS = _ENTER_LINE_FUNCTION + _TAKE_QUEUEING_FUNCTION + _LOCK_HELD_FUNCTION + """
-    local token, n, out = ARGV[2], 1, false
-    if ARGV[6] then
-      local held = lock_held(KEYS[#KEYS], tonumber(ARGV[6]))
+    #: the lock from a holder it replaced, ``{replaced holder or '', its PTTL or 0, 'r' or
+    #: '', 'p'}`` when parked instead of pushed, else ``{holder's token, holder's PTTL}``
+    #: (or ACQUIRE_QUEUEING_LOCK's ``'l'`` reply) and nothing is written.
+    PUSH_WITH_LOCKS = (_ENTER_LINE_FUNCTION + _TAKE_QUEUEING_FUNCTION + _LOCK_HELD_FUNCTION
+                       + _PARK_AT_ENQUEUE_FUNCTION + """
+    local token, i, out = ARGV[2], 2, false
+    local function key()
+      i = i + 1
+      return KEYS[i - 1]
+    end
+    if ARGV[6] ~= '' then
+      local held = lock_held(key(), tonumber(ARGV[6]))
       if held then return held end
     end
     if ARGV[3] ~= '' then
-      local replace = ARGV[5] == '1'
-      out = take_queueing(KEYS[2], replace and KEYS[3], token, ARGV[3], token)
+      local queueing = key()
+      out = take_queueing(queueing, ARGV[5] == '1' and key(), token, ARGV[3], token)
       if out and not out[3] then return out end
-      n = replace and 3 or 2
     end
-    if ARGV[4] ~= '' then enter_line(KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], token, ARGV[4]) end
+    if ARGV[4] ~= '' then
+      local line, seq, arrival = key(), key(), key()
+      enter_line(line, seq, arrival, token, ARGV[4])
+      if ARGV[7] ~= '' and park_at_enqueue(line, arrival, key(), key(), key(), token,
+                                           tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9],
+                                           KEYS[1], ARGV[1]) then
+        return {out and out[1] or '', out and out[2] or 0, out and 'r' or '', 'p'}
+      end
+    end
     redis.call('LPUSH', KEYS[1], ARGV[1])
     return out
-    """
+    """)
 
     def push_with_locks(self, client: Any, owner: Any, *, queue: str, message: str,
                         token: str, queueing_key: str | None, ttl_ms: int,
-                        line_base: str | None, wait_ms: int, replace: bool = False,
-                        lock_check: Lock | None = None) -> Taken:
+                        line: Lock | None, replace: bool = False,
+                        lock_check: Lock | None = None, park_in: str | None = None) -> Taken:
         """Push ``message`` onto kombu's ``queue`` with its locks (:data:`PUSH_WITH_LOCKS`),
         on kombu's ``client`` (the broker's server, which is ours); ``owner`` keeps the
-        connection between calls (see :func:`run_on`); ``replace``: take the queueing lock
-        from a holder that has not started, which is then replaced."""
-        keys, args = [queue], [message, token, "", "", ""]
+        connection between calls (see :func:`run_on`). ``line``: the lock whose line the
+        job enters; ``replace``: take the queueing lock from a holder that has not
+        started, which is then replaced; ``lock_check``: push nothing while this lock is
+        held; ``park_in``: the sweepers' registry, to park the job in its line at once
+        (its message carrying :meth:`ParkedMessage.captured_tag`) when it would wait for
+        its turn there (:attr:`Taken.parked`)."""
+        keys, args = [queue], [message, token, "", "", "", "", "", "", ""]
+        if lock_check is not None:
+            keys.append(lock_keys(lock_check.base)[0])
+            args[5] = str(lock_check.limit)
         if queueing_key:
             keys.append(queueing_key)
             args[2] = str(ttl_ms)
             if replace:
                 keys.append(replaced_key(queueing_key))
                 args[4] = "1"
-        if line_base is not None:
-            keys.extend(line_keys(line_base))
-            args[3] = str(wait_ms)
-        if lock_check is not None:
-            keys.append(lock_keys(lock_check.base)[0])
-            args.append(str(lock_check.limit))
+        if line is not None:
+            keys.extend(line_keys(line.base))
+            args[3] = str(line.wait_ms)
+            if park_in is not None:
+                holders, _, parked, *_ = lock_keys(line.base)
+                keys += [holders, parked, park_in]
+                args[6:] = [str(line.limit), str(line.lease_ms),
+                            RegistryEntry(line.limit, line.lease_ms, line.base).member()]
         reply = run_on(client, self._pool_args, self._push, keys, args, owner)
         if reply is None:  # the hot path: no parser to build
             return Taken(True, token, ttl_ms)
@@ -830,7 +888,9 @@ class Scripts:
     #: a job that asked keeps its place a lease ahead while it asks), '1' when this process
     #: asks again after losing the reply to its own ask, the run's "token:retries" (''
     #: in eager mode), and, for a rate limit's start (its holders never released: their
-    #: key expires with the newest), how long (ms) the run is remembered as started.
+    #: key expires with the newest), how long (ms) the run is remembered as started and a
+    #: token of this ask (its repeat, after a lost reply, is granted again, not dropped as
+    #: a copy).
     #: Returns {1, fence, ms since a release or sweep handed it the lock, or -1 when it took
     #: it itself} when taken (or already handed to this job); {2, token, -1} when
     #: another copy of this job holds it (see below); {3, token, -1} when this run of the job
@@ -850,12 +910,13 @@ class Scripts:
       if ARGV[8] then
         -- A rate limit's start: its holders expire with the newest; the run is
         -- remembered, so that a copy of its message (a parked job handed a start again
-        -- when its first copy came late) is dropped instead of starting again.
+        -- when its first copy came late) is dropped instead of starting again; and so
+        -- is this ask (run#ask), so that its own repeat is not taken for a copy.
         redis.call('PEXPIRE', KH, lease)
         if ARGV[7] ~= '' then
           local keep = tonumber(ARGV[8])
           redis.call('ZREMRANGEBYSCORE', KR, '-inf', now)
-          redis.call('ZADD', KR, now + keep, ARGV[7])
+          redis.call('ZADD', KR, now + keep, ARGV[7], now + keep, ARGV[7] .. '#' .. ARGV[9])
           if redis.call('PTTL', KR) < keep then redis.call('PEXPIRE', KR, keep) end
         end
       end
@@ -864,7 +925,14 @@ class Scripts:
     end
     if ARGV[7] and ARGV[7] ~= '' then
       local until_ms = redis.call('ZSCORE', KR, ARGV[7])
-      if until_ms and tonumber(until_ms) > now then return {3, token, -1} end
+      if until_ms and tonumber(until_ms) > now then
+        -- This very ask, run again because its reply was lost (a connection error, then
+        -- a fallback or a client's retry): the start it was granted is its own.
+        if ARGV[9] and redis.call('ZSCORE', KR, ARGV[7] .. '#' .. ARGV[9]) then
+          return grant(-1)
+        end
+        return {3, token, -1}
+      end
     end
     -- Holders, those whose lease ran out gone (none to look for when there is none).
     local held = redis.call('ZCARD', KH)
@@ -921,7 +989,8 @@ class Scripts:
         args: list[Any] = [token, limit, lease_ms, mode, wait_ms, "1" if asks_again else "0",
                            run]
         if rate:
-            args.append(max(60_000, 2 * lease_ms))  # as long as a lock's runs (lock.py)
+            # As long as a lock's runs (lock.py); and this ask, told from its repeat.
+            args += [max(60_000, 2 * lease_ms), os.urandom(6).hex()]
         reply = _lock_reply(self._run(self._acquire_lock, keys, args))
         if queueing_key and self.cluster and reply.grant is Grant.TAKEN:
             # On a cluster the two keys live in different slots, which one script may not
@@ -1159,8 +1228,8 @@ class Pending(Generic[T]):
     safe to repeat that way (as through redis-py's own retries): each is idempotent, or
     tells its repeat from its first run and errs on the safe side (``ACQUIRE_LOCK`` takes
     a repeat for a copy of the job, which waits one lease and never runs beside it; for
-    a rate limit's start, a repeat is taken for a copy that started already and dropped:
-    never a start too many, but a job lost: see the guarantees page).
+    a rate limit's start, the ask carries a token of its own, and its repeat is granted
+    the start the first run took).
     """
 
     __slots__ = ("_args", "_conn", "_conns", "_keys", "_parse", "_reply", "_run", "_script")

@@ -349,3 +349,62 @@ def test_a_fanout_exchange_takes_the_lock_before_kombu_publishes(redis_app: Cele
     with pytest.raises(AlreadyQueued):
         t.apply_async((tag,), exchange=fanout, routing_key="")
     assert store.get(f"celery_unique:q:{{{t.name}:{tag}}}") == first.id.encode()
+
+
+# -- a rate limit's excess parked at enqueue ----------------------------------------------
+
+
+def test_a_job_over_its_rate_limit_is_parked_at_enqueue(redis_app: Celery) -> None:
+    """On the atomic path a rate-limited job that would wait for its turn (a start is
+    live, and the starts and the places ahead fill the limit) is parked in the push script:
+    its message never reaches a worker until the sweep hands it its start, then it is
+    pushed at the head of its queue. With no live start it is pushed (the worker that
+    starts it sweeps). Off the atomic path every job is pushed, and waits at a worker."""
+    from celery_unique import signals
+    from celery_unique.runtime import sweep
+    from celery_unique.wire import decode_parked
+
+    tag = uuid.uuid4().hex[:8]
+
+    @redis_app.task(base=UniqueTask, global_rate_limit="2/s", rate_limit_key=tag,
+                    shared=False)
+    def t(n: int) -> None: ...
+
+    store, r = get_store(redis_app), redis.Redis.from_url(redis_app.conf.broker_url)
+    queue, base = redis_app.conf.task_default_queue, f"celery_unique:r:{{{tag}}}"
+    atomic = broker.atomic(redis_app, store)
+    parked: list[str] = []
+
+    def on_rate_limited(sender: Any = None, task_id: str = "", action: str = "",
+                        **_: Any) -> None:
+        parked.append(f"{action}:{task_id}")
+
+    signals.rate_limited.connect(on_rate_limited, weak=False)
+    try:
+        first, second = t.delay(0), t.delay(1)  # no start live: pushed
+        assert r.llen(queue) == 2 and not parked
+        for job in (first, second):  # their workers start them: the limit is full
+            assert store.acquire_lock(base, token=job.id, limit=2, lease_ms=1005,
+                                      mode="order", wait_ms=0, run=job.id, rate=True).fence
+        third = t.delay(2)
+        if not atomic:
+            assert r.llen(queue) == 3 and not parked
+            return
+        assert r.llen(queue) == 2 and parked == [f"parked:{third.id}"]
+        message = decode_parked(store.client.hget(f"{base}:parked", third.id).decode())
+        assert message.queue == queue  # type: ignore[union-attr]
+        body = json.loads(message.body)  # type: ignore[union-attr]
+        assert body["headers"]["id"] == third.id
+        assert body["properties"]["delivery_tag"] == f"{third.id}.cu"
+        assert store.client.zscore(f"{base}:arrival", third.id) is None
+        assert store.client.zscore("celery_unique:l:waiting", f"2|1005|{base}") is not None
+        # The first start's period ends: the sweep hands the third its start.
+        wait_for(lambda: sweep(redis_app) == 1, timeout=5,
+                 what="the first start's period to end and the third to be woken")
+        woken = json.loads(r.lindex(queue, -1))  # at the head: kombu pops from the right
+        assert woken["headers"]["id"] == third.id
+        assert woken["properties"]["delivery_tag"].startswith(f"{third.id}.")
+        assert woken["properties"]["delivery_tag"] != f"{third.id}.cu"
+        assert store.client.zscore(f"{base}:holders", third.id) is not None
+    finally:
+        signals.rate_limited.disconnect(on_rate_limited)

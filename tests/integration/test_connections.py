@@ -259,8 +259,7 @@ def test_a_connection_kept_with_its_owner_is_the_only_one(
         for _ in range(5):
             assert store.push_with_locks(
                 kombu_like, owner, queue="celery_unique:owner-queue", message="m", token="t",
-                queueing_key="celery_unique:q:owner", ttl_ms=1000, line_base=None,
-                wait_ms=0).taken
+                queueing_key="celery_unique:q:owner", ttl_ms=1000, line=None).taken
         lent = [pool.get_connection(*store._pool_args) for _ in range(free)]
         with pytest.raises(redis.ConnectionError, match="Too many connections"):
             pool.get_connection(*store._pool_args)

@@ -6,6 +6,7 @@ Each test drives the store's lock methods as the worker does: ``acquire_lock``, 
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import time
 import uuid
@@ -477,8 +478,8 @@ def test_a_rate_limit_holds_exactly_on_the_store_s_clock(
         thread.start()
     for thread in threads:
         thread.join()
-    granted = sorted(score - keep for _, score in store.client.zrange(
-        f"{base}:ran", 0, -1, withscores=True))
+    granted = sorted(score - keep for run, score in store.client.zrange(
+        f"{base}:ran", 0, -1, withscores=True) if b"#" not in run)  # not the asks
     fullest = max(sum(1 for t in granted[i:] if t < start + 200)
                   for i, start in enumerate(granted))
     assert fullest == 5, fullest
@@ -510,3 +511,73 @@ def test_a_job_arriving_behind_a_long_line_costs_what_one_behind_a_few_does(
     # on its way with a job parked behind it, and gives it one lease.
     wait_for(lambda: lock.sweep() and store.client.zscore(f"{lock.base}:arrival", "job-0")
              < time.time() * 1000 + 1000, timeout=3, what="job-0's place to be cut")
+
+
+def test_jobs_handed_the_lock_together_are_popped_in_line_order(
+    unique_redis_server: RedisServer,
+) -> None:
+    """A script that hands places to several parked jobs at once (here: three leases ran
+    out) pushes their messages at the head of their queue with the front of the line
+    popped first (kombu pops from the right): from the script, when the queue is the
+    asking job's, or from Python, after a sweep."""
+    from celery_unique.broker import publish_woken
+    from celery_unique.wire import ParkedMessage
+
+    store = make_store(unique_redis_server)
+    queue = f"order-{uuid.uuid4().hex[:8]}"
+    tokens = ["first", "second", "third"]
+    for in_script in (True, False):
+        base = f"celery_unique:l:{{order-{uuid.uuid4().hex[:8]}}}"
+        for token in ("a", "b", "c"):
+            assert store.acquire_lock(base, token=token, limit=3, lease_ms=300,
+                                      mode="order", wait_ms=60_000).grant is Grant.TAKEN
+        for token in tokens:
+            body = json.dumps({"id": token, "properties": {"delivery_tag": f"{token}.cu"}})
+            store.park(base, token=token, limit=3, lease_ms=300,
+                       message=ParkedMessage(queue, body).encode())
+        time.sleep(0.35)  # the scenario: the three holders' leases run out together
+        if in_script:  # a job asking behind them wakes them, onto its own queue
+            reply = store.acquire_lock(base, token="late", limit=3, lease_ms=300,
+                                       mode="order", wait_ms=60_000, queue=queue)
+            assert reply.grant is Grant.WAIT
+            woken = reply.woken
+        else:
+            woken = store.sweep_lock(base, limit=3, lease_ms=300).woken
+            publish_woken(None, store, woken)  # type: ignore[arg-type]
+        assert [w.token for w in woken] == tokens
+        assert all(not w.message for w in woken) is in_script
+        popped = [json.loads(store.client.rpop(queue))["id"] for _ in tokens]
+        assert popped == tokens, in_script
+
+
+def test_a_rate_limited_start_whose_reply_was_lost_is_its_own(
+    unique_redis_server: RedisServer,
+) -> None:
+    """A start granted whose reply is lost (the connection drops while it is on its way)
+    is asked again by the fallback, with the same command: the job is granted the start
+    it took, not dropped as a copy of a run that started already. Another ask of the
+    same run (a real copy of its message) still is."""
+    from celery_unique.scripts import _raw, send
+
+    store = make_store(unique_redis_server)
+    base = f"celery_unique:r:{{rate-{uuid.uuid4().hex[:8]}}}"
+    watcher = redis.Redis.from_url(f"{unique_redis_server.url}/1")
+    lost = []
+    store.acquire_lock(base + "-loaded", token="job", limit=1, lease_ms=1000, mode="order",
+                       wait_ms=60_000, run="job", rate=True)  # the script is known
+
+    def run_losing_the_reply(script: Any, keys: list[str], args: list[Any]) -> Any:
+        pending = send(store.conns, store._call, script, keys, args, _raw)
+        wait_for(lambda: watcher.zscore(f"{base}:holders", "job") is not None, timeout=5,
+                 what="the start to be granted")
+        lost.append(pending._conn)
+        pending._conn.disconnect()  # the reply, on its way, is lost with the connection
+        return pending.result()  # read fails: the fallback runs the command again
+
+    store._run = run_losing_the_reply  # type: ignore[method-assign]
+    reply = store.acquire_lock(base, token="job", limit=1, lease_ms=1000, mode="order",
+                               wait_ms=60_000, run="job", rate=True)
+    del store._run
+    assert lost and reply.grant is Grant.TAKEN, reply
+    assert store.acquire_lock(base, token="job", limit=1, lease_ms=1000, mode="order",
+                              wait_ms=60_000, run="job", rate=True).grant is Grant.RAN
