@@ -15,9 +15,11 @@ processes (``celery worker``, prefork ``-c 2`` each) consuming one queue.
 3. **Jobs without a limit are not slowed.** A plain job is sent every 50 ms to a queue
    of its own that the same workers consume; its start latency (start minus send), p50
    and p99, in rounds of ``--window`` seconds whose order rotates (each kind's samples
-   pooled): alone; beside the same jobs without a limit, sent at the rate (what running
-   them costs); beside a limited backlog published at once and flowing at the limit
-   (what waiting adds). Also during the precision runs.
+   pooled): alone; beside the same jobs without a limit, sent in waves of the rate each
+   second, as a saturated limit starts them (what running them costs); beside a limited
+   backlog published at once and flowing at the limit
+   (what waiting adds), the stream begun once the backlog is published and its first
+   burst started. Also during the precision runs, publish included.
 4. **Replace and debounce per call**, in this process: µs and scripts per call
    against a plain ``apply_async``, in paired rounds whose order changes every round.
 
@@ -165,33 +167,45 @@ def precision(name: str, jobs: int, rate: int, cap: float) -> dict[str, Any]:
             "p50": percentile(latency, 0.5), "p99": percentile(latency, 0.99)}
 
 
-def publish_paced(run: str, jobs: int, rate: int) -> None:
-    """The same jobs without a limit, sent as the limit would start them: ``rate`` at
-    once, then one every ``1/rate`` s."""
-    for n in range(jobs):
-        if n >= rate:
-            time.sleep(1 / rate)
-        limited.apply_async((run, n))
+def publish_paced(run: str, jobs: int, rate: int, first: int = 0) -> None:
+    """The same jobs without a limit, sent in the shape a saturated limit starts them:
+    ``rate`` at once each second (from the ``first``: the first wave was sent before)."""
+    began = time.monotonic()
+    for wave, start in enumerate(range(first, jobs, rate), start=1):
+        time.sleep(max(0.0, began + wave - time.monotonic()))
+        for n in range(start, min(start + rate, jobs)):
+            limited.apply_async((run, n))
 
 
 KINDS = ("alone", "paced", "limited")
 
 
 def paired_latency(pairs: int, window: float, rate: int) -> dict[str, list[float]]:
-    """The plain stream's latencies in ``pairs`` rounds of each kind, ``window`` seconds
-    each, the order rotating: alone; beside the same jobs without a limit, sent at
-    ``rate`` (what running them costs the others); beside a limited backlog flowing at
-    ``rate`` (what waiting adds)."""
+    """The plain stream's latencies in ``pairs`` rounds of each kind, the order rotating:
+    alone; beside the same jobs without a limit sent in waves of ``rate`` a second, as
+    the limit starts them (what running them costs the others); beside a limited
+    backlog flowing at ``rate`` (what waiting adds). The backlog, or the first wave, is
+    published and started before the stream begins (the publisher is not the workers'
+    cost); the stream then runs ``window`` seconds while the jobs flow."""
     pooled: dict[str, list[float]] = {kind: [] for kind in KINDS}
     for r in range(pairs):
         for kind in KINDS[r % 3:] + KINDS[:r % 3]:
-            run, jobs = uuid.uuid4().hex, int(rate * window)
+            run, jobs = uuid.uuid4().hex, int(rate * (window + 1))
+            if kind == "limited":
+                publish_limited(run, jobs, rate)
+            elif kind == "paced":
+                for n in range(rate):
+                    limited.apply_async((run, n))
+            if kind != "alone":
+                wait_for(lambda run=run: len(rows(run)) >= rate, timeout=30, interval=0.01,
+                         what=f"the {kind} jobs' first burst")
 
             def during(kind: str = kind, run: str = run, jobs: int = jobs) -> None:
                 if kind == "alone":
                     time.sleep(window)
                     return
-                (publish_limited if kind == "limited" else publish_paced)(run, jobs, rate)
+                if kind == "paced":
+                    publish_paced(run, jobs, rate, first=rate)
                 wait_for(lambda: len(rows(run)) >= jobs, timeout=window * 3 + 30,
                          interval=0.05, what=f"the {kind} jobs")
 
@@ -309,8 +323,8 @@ def main() -> None:
     print(f"plain jobs every 50 ms on their own queue, same workers, start latency p50 / p99"
           f" (ms), {opts.pairs} rounds of {opts.window:g} s per kind, rotating"
           f" ({len(alone)}, {len(paced)}, {len(beside)} jobs): alone {p(alone)}; beside the"
-          f" same jobs at {opts.rate}/s without a limit {p(paced)}; beside a limited backlog"
-          f" flowing at {opts.rate}/s {p(beside)} (p99"
+          f" same jobs without a limit, {opts.rate} at once each second {p(paced)}; beside a"
+          f" limited backlog flowing at {opts.rate}/s {p(beside)} (p99"
           f" {percentile(beside, 0.99) / percentile(paced, 0.99):.2f}x the unlimited jobs',"
           f" {percentile(beside, 0.99) / percentile(alone, 0.99):.2f}x alone)")
     print(f"  during the precision runs: beside global_rate_limit {ours['p50'] * 1e3:.1f} /"
