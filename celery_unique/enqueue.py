@@ -86,15 +86,7 @@ class Enqueue:
         retried = JobHeader.from_header(headers.get(HEADER)) if (
             job.running and options.get("retries")) else None
         if retried is not None:
-            # A retry re-publishes the running job under its own id: it re-enters the
-            # queue, so it takes its queueing lock again. It is published whatever the
-            # answer: a retry is never dropped because another job took the lock meanwhile.
-            # A throttle's lock ("expired") keeps the lease it was given at enqueue.
-            if retried.queueing_key and retried.until != "expired":
-                Push(self.store, self.task_id, retried.queueing_key,
-                     retried.lease_ms + int(1000 * wait)).take(check=False)
-                self.state.metrics.queued(job.sender)
-            return publish(self.task_id)
+            return self._retry(retried, wait, publish)
         if key is None and lock is None and header.rate is None:
             return publish(self.task_id)
         eager = bool(self.app.conf.task_always_eager)
@@ -121,6 +113,17 @@ class Enqueue:
             unique_signals.rate_limited.send(sender=job.sender, key=line.base if line else "",
                                              task_id=self.task_id, action="parked")
         return result
+
+    def _retry(self, retried: JobHeader, wait: float, publish: Publish) -> AsyncResult:
+        """A retry re-publishes the running job under its own id: it re-enters the queue,
+        so it takes its queueing lock again. It is published whatever the answer: a retry
+        is never dropped because another job took the lock meanwhile. A throttle's lock
+        ("expired") keeps the lease it was given at enqueue."""
+        if retried.queueing_key and retried.until != "expired":
+            Push(self.store, self.task_id, retried.queueing_key,
+                 retried.lease_ms + int(1000 * wait)).take(check=False)
+            self.state.metrics.queued(self.job.sender)
+        return publish(self.task_id)
 
     def _registry(self) -> str:
         """The sweepers' registry, where a rate-limited job waiting for its turn is
