@@ -2,7 +2,8 @@
 what replace and debounce cost a caller.
 
 Starts a private Redis (broker and lock store: the atomic path) and ``--workers`` worker
-processes (``celery worker``, prefork ``-c 2`` each) consuming one queue.
+processes (``celery worker``, prefork ``-c CONCURRENCY`` each, 2 by default) consuming
+one queue.
 
 1. **Precision.** ``rate * seconds`` jobs published at once under
    ``global_rate_limit=f"{rate}/s"`` (one key); each job records its start. Printed: the
@@ -23,7 +24,8 @@ processes (``celery worker``, prefork ``-c 2`` each) consuming one queue.
 4. **Replace and debounce per call**, in this process: µs and scripts per call
    against a plain ``apply_async``, in paired rounds whose order changes every round.
 
-    python bench/flow.py [--seconds 60] [--rate 50] [--workers 4] [--rounds 21]
+    python bench/flow.py [--seconds 60] [--rate 50] [--workers 4] [--concurrency 2]
+                         [--rounds 21]
                          [--pairs 6] [--window 5]
 """
 
@@ -253,6 +255,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--rate", type=int, default=50)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--pairs", type=int, default=6, help="rounds of each kind")
     parser.add_argument("--window", type=float, default=5.0)
@@ -270,9 +273,10 @@ def main() -> None:
            f"{os.environ.get('PYTHONPATH', '')}"}
     workers = [subprocess.Popen(
         [sys.executable, "-c", f"import flow; flow.celery_limited.rate_limit = "
-         f"'{opts.rate}/s'; flow.app.worker_main(['worker', '-P', 'prefork', '-c', '2',"
-         f" '-Q', 'flow,flow-plain', '-l', 'WARNING', '--without-gossip', '--without-mingle',"
-         f" '--without-heartbeat', '-n', 'flow{n}@bench', '--logfile={folder}/w{n}.log'])"],
+         f"'{opts.rate}/s'; flow.app.worker_main(['worker', '-P', 'prefork',"
+         f" '-c', '{opts.concurrency}', '-Q', 'flow,flow-plain', '-l', 'WARNING',"
+         f" '--without-gossip', '--without-mingle', '--without-heartbeat', '-n',"
+         f" 'flow{n}@bench', '--logfile={folder}/w{n}.log'])"],
         cwd=Path(__file__).parent, env=env, stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT) for n in range(opts.workers)]
     client = redis.Redis.from_url(f"{server.url}/0")
@@ -306,7 +310,7 @@ def main() -> None:
         server.stop()
 
     print(f"{jobs} jobs at {opts.rate}/s published at once, {opts.workers} worker processes"
-          " (prefork -c 2):")
+          f" (prefork -c {opts.concurrency}):")
     for name, row in (("global_rate_limit", ours), ("Celery's rate_limit", celerys)):
         print(f"  {name:<20} fullest second {row['fullest']:>4} (limit {opts.rate});"
               f" achieved {row['achieved']:7.2f}/s after the first burst"
