@@ -86,7 +86,15 @@ class Enqueue:
         retried = JobHeader.from_header(headers.get(HEADER)) if (
             job.running and options.get("retries")) else None
         if retried is not None:
-            return self._retry(retried, wait, publish)
+            # A retry re-publishes the running job under its own id: it re-enters the
+            # queue, so it takes its queueing lock again. It is published whatever the
+            # answer: a retry is never dropped because another job took the lock meanwhile.
+            # A throttle's lock ("expired") keeps the lease it was given at enqueue.
+            if retried.queueing_key and retried.until != "expired":
+                Push(self.store, self.task_id, retried.queueing_key,
+                     retried.lease_ms + int(1000 * wait)).take(check=False)
+                self.state.metrics.queued(job.sender)
+            return publish(self.task_id)
         if key is None and lock is None and header.rate is None:
             return publish(self.task_id)
         eager = bool(self.app.conf.task_always_eager)
@@ -107,23 +115,16 @@ class Enqueue:
             return self._duplicate(key, lock, duplicate, options)
         if held:
             self.state.held_keys.pop(key or "", None)
-        if push.replaced:
-            self._replaced(key or "", push.replaced)
-        if push.parked:
-            unique_signals.rate_limited.send(sender=job.sender, key=line.base if line else "",
-                                             task_id=self.task_id, action="parked")
+        self._published(push, key, line)
         return result
 
-    def _retry(self, retried: JobHeader, wait: float, publish: Publish) -> AsyncResult:
-        """A retry re-publishes the running job under its own id: it re-enters the queue,
-        so it takes its queueing lock again. It is published whatever the answer: a retry
-        is never dropped because another job took the lock meanwhile. A throttle's lock
-        ("expired") keeps the lease it was given at enqueue."""
-        if retried.queueing_key and retried.until != "expired":
-            Push(self.store, self.task_id, retried.queueing_key,
-                 retried.lease_ms + int(1000 * wait)).take(check=False)
-            self.state.metrics.queued(self.job.sender)
-        return publish(self.task_id)
+    def _published(self, push: Push, key: str | None, line: Lock | None) -> None:
+        """What the push did beside publishing: replaced a queued job, parked this one."""
+        if push.replaced:
+            self._replaced(key or "", push.replaced)
+        if push.parked and line is not None:
+            unique_signals.rate_limited.send(sender=self.job.sender, key=line.base,
+                                             task_id=self.task_id, action="parked")
 
     def _registry(self) -> str:
         """The sweepers' registry, where a rate-limited job waiting for its turn is
