@@ -358,8 +358,9 @@ def test_a_job_over_its_rate_limit_is_parked_at_enqueue(redis_app: Celery) -> No
     """On the atomic path a rate-limited job that would wait for its turn (a start is
     live, and the starts and the places ahead fill the limit) is parked in the push script:
     its message never reaches a worker until the sweep hands it its start, then it is
-    pushed at the head of its queue. With no live start it is pushed (the worker that
-    starts it sweeps). Off the atomic path every job is pushed, and waits at a worker."""
+    pushed at the head of its queue. With no live start it is pushed, even when it will
+    wait (the worker that receives it sweeps). Off the atomic path every job is pushed,
+    and waits at a worker."""
     from celery_unique import signals
     from celery_unique.runtime import sweep
     from celery_unique.wire import decode_parked
@@ -381,16 +382,20 @@ def test_a_job_over_its_rate_limit_is_parked_at_enqueue(redis_app: Celery) -> No
 
     signals.rate_limited.connect(on_rate_limited, weak=False)
     try:
-        first, second = t.delay(0), t.delay(1)  # no start live: pushed
-        assert r.llen(queue) == 2 and not parked
+        # No start live: pushed, even the one that will wait (a worker receives it, and
+        # so sweeps).
+        first, second, waits = t.delay(0), t.delay(1), t.delay(2)
+        assert r.llen(queue) == 3 and not parked
         for job in (first, second):  # their workers start them: the limit is full
             assert store.acquire_lock(base, token=job.id, limit=2, lease_ms=1005,
                                       mode="order", wait_ms=0, run=job.id, rate=True).fence
-        third = t.delay(2)
+        third = t.delay(3)
         if not atomic:
-            assert r.llen(queue) == 3 and not parked
+            assert r.llen(queue) == 4 and not parked
             return
-        assert r.llen(queue) == 2 and parked == [f"parked:{third.id}"]
+        assert r.llen(queue) == 3 and parked == [f"parked:{third.id}"]
+        # The one on its way is revoked: it gives its place back (no start freed yet).
+        assert not store.release_lock(base, token=waits.id, limit=2, lease_ms=1005).woken
         message = decode_parked(store.client.hget(f"{base}:parked", third.id).decode())
         assert message.queue == queue  # type: ignore[union-attr]
         body = json.loads(message.body)  # type: ignore[union-attr]
