@@ -754,7 +754,8 @@ class Scripts:
     #: (``on_duplicate="replace"``), or ''; ARGV[6]: the execution lock's limit, to push
     #: nothing while that many jobs hold it (``lock_check_at_enqueue``), or ''; ARGV[7],
     #: ARGV[8], ARGV[9]: the line's limit, lease (ms) and registry entry, to park the job
-    #: at once when it would wait for its turn (a rate limit's line), or ''.
+    #: at once when it would wait for its turn (a rate limit's line), or ''. Trailing
+    #: empty ones may be left out.
     #: Returns nil when pushed (the queueing lock taken, or already held by this owner, as
     #: ACQUIRE_QUEUEING_LOCK), ``{replaced holder, its PTTL, 'r'}`` when pushed after taking
     #: the lock from a holder it replaced, ``{replaced holder or '', its PTTL or 0, 'r' or
@@ -762,26 +763,23 @@ class Scripts:
     #: (or ACQUIRE_QUEUEING_LOCK's ``'l'`` reply) and nothing is written.
     PUSH_WITH_LOCKS = (_ENTER_LINE_FUNCTION + _TAKE_QUEUEING_FUNCTION + _LOCK_HELD_FUNCTION
                        + _PARK_AT_ENQUEUE_FUNCTION + """
-    local token, i, out = ARGV[2], 2, false
-    local function key()
-      i = i + 1
-      return KEYS[i - 1]
-    end
-    if ARGV[6] ~= '' then
-      local held = lock_held(key(), tonumber(ARGV[6]))
+    local token, n, out = ARGV[2], 2, false
+    if ARGV[6] and ARGV[6] ~= '' then
+      local held = lock_held(KEYS[n], tonumber(ARGV[6]))
       if held then return held end
+      n = n + 1
     end
     if ARGV[3] ~= '' then
-      local queueing = key()
-      out = take_queueing(queueing, ARGV[5] == '1' and key(), token, ARGV[3], token)
+      local replace = ARGV[5] == '1'
+      out = take_queueing(KEYS[n], replace and KEYS[n + 1], token, ARGV[3], token)
       if out and not out[3] then return out end
+      n = n + (replace and 2 or 1)
     end
-    if ARGV[4] ~= '' then
-      local line, seq, arrival = key(), key(), key()
-      enter_line(line, seq, arrival, token, ARGV[4])
-      if ARGV[7] ~= '' and park_at_enqueue(line, arrival, key(), key(), key(), token,
-                                           tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9],
-                                           KEYS[1], ARGV[1]) then
+    if ARGV[4] and ARGV[4] ~= '' then
+      enter_line(KEYS[n], KEYS[n + 1], KEYS[n + 2], token, ARGV[4])
+      if ARGV[7] and park_at_enqueue(KEYS[n], KEYS[n + 2], KEYS[n + 3], KEYS[n + 4],
+                                     KEYS[n + 5], token, tonumber(ARGV[7]),
+                                     tonumber(ARGV[8]), ARGV[9], KEYS[1], ARGV[1]) then
         return {out and out[1] or '', out and out[2] or 0, out and 'r' or '', 'p'}
       end
     end
@@ -819,6 +817,8 @@ class Scripts:
                 keys += [holders, parked, park_in]
                 args[6:] = [str(line.limit), str(line.lease_ms),
                             RegistryEntry(line.limit, line.lease_ms, line.base).member()]
+        while len(args) > 3 and not args[-1]:  # the script reads a missing one as ''
+            args.pop()
         reply = run_on(client, self._pool_args, self._push, keys, args, owner)
         if reply is None:  # the hot path: no parser to build
             return Taken(True, token, ttl_ms)
