@@ -106,7 +106,7 @@ class Enqueue:
         push = Push(self.store, self.task_id, key, header.lease_ms + int(1000 * wait), line,
                     publish_ms=int(values.publish_lease * 1000), replace=values.replaces,
                     lock_check=header.lock_to_check(values.lock_check_at_enqueue),
-                    park_in=self._registry() if line is header.rate else None)
+                    park_in=self._registry() if line and line is header.rate else None)
         held = key is not None and key in self.state.held_keys
         try:
             result = push.publish(self.app, publish, producer, options, eager=eager, held=held,
