@@ -207,12 +207,16 @@ def sweep_lock(app: Celery, store: Store, registry: str, member: str, entry: Reg
     """Sweep one registered lock (:func:`sweep`); returns how many jobs it woke."""
     now = time.time() * 1000
     metrics = app_state(app).metrics
-    swept = store.sweep_lock(entry.base, limit=entry.limit, lease_ms=entry.lease_ms)
+    # Rescheduled in the sweep's own script, but on a Cluster (the registry's slot is
+    # another): then one command more.
+    swept = store.sweep_lock(entry.base, limit=entry.limit, lease_ms=entry.lease_ms,
+                             registry=registry)
     metrics.swept(swept.expired, swept.dropped)
     metrics.handed(None, "sweep", len(swept.woken))
     publish_woken(app, store, swept.woken)
-    store.reschedule(registry, member,
-                     None if swept.next_ms < 0 else now + max(swept.next_ms, 50))
+    if store.cluster:
+        store.reschedule(registry, member,
+                         None if swept.next_ms < 0 else now + max(swept.next_ms, 50))
     if soon is not None and 0 <= swept.next_ms < SOON_MS:
         soon(member, entry, swept.next_ms / 1000)
     return len(swept.woken)

@@ -26,7 +26,7 @@ from .connections import CONNECTION_ERRORS, UNAVAILABLE_ERRORS, ThreadConnection
 from .exceptions import LockStoreUnavailable
 from .keys import line_keys, lock_keys
 from .settings import safe_url
-from .wire import Lock, RegistryEntry
+from .wire import Lock, ParkedMessage, RegistryEntry
 
 __all__ = ["Duplicate", "GatedProducer", "GatedRouter", "Grant", "LockReply", "Pending",
            "Released", "Reservation", "Scripts", "Started", "Swept", "Taken", "Woken",
@@ -203,7 +203,7 @@ local function enter_line(line, seq, arrival, token, wait_ms)
   redis.call('SET', seq, string.format('%d', ticket), 'PX', 3600000)
   redis.call('ZADD', line, 'NX', ticket, token)
   redis.call('ZADD', arrival, now + tonumber(wait_ms), token)
-  return ticket
+  return ticket, now
 end
 """
 
@@ -251,25 +251,36 @@ local function lock_held(holders, limit)
 end
 """
 
+#: A job waiting in line leaves its message (a parked message, ``wire``) and its arrival
+#: mark, and the lock is registered for the sweepers in ``registry`` (if given) in the same
+#: script: a parked job is never left where no sweep looks, whatever fails after this. Due
+#: when the first lease ends (a place may free then: a rate limit's does), never later
+#: than it was already due. Shared by PARK and the atomic enqueue.
+_PARK_FUNCTION = """
+local function keep_parked(arrival, parked, holders, registry, token, message, member, now,
+                           lease)
+  redis.call('ZREM', arrival, token)
+  redis.call('HSET', parked, token, message)
+  if registry then
+    local first = redis.call('ZRANGE', holders, 0, 0, 'WITHSCORES')[2]
+    redis.call('ZADD', registry, 'LT', first and tonumber(first) or now + lease, member)
+  end
+end
+"""
+
 #: A job entering a line at enqueue (a rate limit's) that would wait for its turn: it is
 #: parked there at once, its message never pushed to a worker, as PARK would park it
-#: (kombu's message "\x01queue\nmessage", registered for the sweepers, due when the
-#: first lease ends). It would wait when the live holders and the places ahead of it
+#: (``keep_parked``). It would wait when the live holders and the places ahead of it
 #: fill the limit (a place ahead given up later is found by the sweep). Only while a
 #: start is live: a worker granted it, so a worker sweeps (a worker whose tasks get a
 #: rate limit per call sweeps from the first such job it receives); with none, the job
 #: is pushed and waits at a worker, as off the atomic path. Returns whether it was parked.
-_PARK_AT_ENQUEUE_FUNCTION = """
+_PARK_AT_ENQUEUE_FUNCTION = _PARK_FUNCTION + """
 local function park_at_enqueue(line, arrival, holders, parked, registry, token, limit,
-                               lease, member, queue, message)
-  local clock = redis.call('TIME')
-  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+                               lease, member, message, now)
   local live = redis.call('ZCOUNT', holders, '(' .. now, '+inf')
   if live == 0 or live + redis.call('ZRANK', line, token) < limit then return false end
-  redis.call('ZREM', arrival, token)
-  redis.call('HSET', parked, token, '\\001' .. queue .. '\\n' .. message)
-  local first = redis.call('ZRANGE', holders, 0, 0, 'WITHSCORES')[2]
-  redis.call('ZADD', registry, 'LT', first and tonumber(first) or now + lease, member)
+  keep_parked(arrival, parked, holders, registry, token, message, member, now, lease)
   return true
 end
 """
@@ -752,10 +763,11 @@ class Scripts:
     #: ARGV[4]: the ms the job may take to reach a worker before its place in line is
     #: given up, or ''; ARGV[5]: '1' to replace a holder that has not started
     #: (``on_duplicate="replace"``), or ''; ARGV[6]: the execution lock's limit, to push
-    #: nothing while that many jobs hold it (``lock_check_at_enqueue``), or ''; ARGV[7],
-    #: ARGV[8], ARGV[9]: the line's limit, lease (ms) and registry entry, to park the job
-    #: at once when it would wait for its turn (a rate limit's line), or ''. Trailing
-    #: empty ones may be left out.
+    #: nothing while that many jobs hold it (``lock_check_at_enqueue``), or ''; ARGV[7]
+    #: to ARGV[10]: the line's limit, lease (ms), registry entry and the parked message's
+    #: head (``wire.ParkedMessage``, the message following it), to park the job at once
+    #: when it would wait for its turn (a rate limit's line), or ''. Trailing empty ones
+    #: may be left out.
     #: Returns nil when pushed (the queueing lock taken, or already held by this owner, as
     #: ACQUIRE_QUEUEING_LOCK), ``{replaced holder, its PTTL, 'r'}`` when pushed after taking
     #: the lock from a holder it replaced, ``{replaced holder or '', its PTTL or 0, 'r' or
@@ -776,10 +788,11 @@ class Scripts:
       n = n + (replace and 2 or 1)
     end
     if ARGV[4] and ARGV[4] ~= '' then
-      enter_line(KEYS[n], KEYS[n + 1], KEYS[n + 2], token, ARGV[4])
+      local _, now = enter_line(KEYS[n], KEYS[n + 1], KEYS[n + 2], token, ARGV[4])
       if ARGV[7] and park_at_enqueue(KEYS[n], KEYS[n + 2], KEYS[n + 3], KEYS[n + 4],
                                      KEYS[n + 5], token, tonumber(ARGV[7]),
-                                     tonumber(ARGV[8]), ARGV[9], KEYS[1], ARGV[1]) then
+                                     tonumber(ARGV[8]), ARGV[9], ARGV[10] .. ARGV[1],
+                                     now) then
         return {out and out[1] or '', out and out[2] or 0, out and 'r' or '', 'p'}
       end
     end
@@ -816,7 +829,8 @@ class Scripts:
                 holders, _, parked, *_ = lock_keys(line.base)
                 keys += [holders, parked, park_in]
                 args[6:] = [str(line.limit), str(line.lease_ms),
-                            RegistryEntry(line.limit, line.lease_ms, line.base).member()]
+                            RegistryEntry(line.limit, line.lease_ms, line.base).member(),
+                            ParkedMessage(queue, "").encode()]
         while len(args) > 3 and not args[-1]:  # the script reads a missing one as ''
             args.pop()
         reply = run_on(client, self._pool_args, self._push, keys, args, owner)
@@ -1004,21 +1018,13 @@ class Scripts:
     #: lock's registry entry (``wire.RegistryEntry.member``). Returns {0, a holder's token,
     #: place in line, woken...}; a place freed since the job asked is handed to the front of
     #: the line, this job included, at once.
-    PARK = LOCK_PRELUDE + """
+    PARK = LOCK_PRELUDE + _PARK_FUNCTION + """
     local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
     expire()
     if not redis.call('ZSCORE', KW, token) then
       redis.call('ZADD', KW, next_seq(), token)
     end
-    redis.call('ZREM', KE, token)
-    redis.call('HSET', KP, token, ARGV[4])
-    if KEYS[8] then
-      -- Registered for the sweepers in the same script: a parked job is never left where
-      -- no sweep looks, whatever fails after this. Due when the first lease ends (a place
-      -- may free then: a rate limit's does), never later than it was already due.
-      local first = redis.call('ZRANGE', KH, 0, 0, 'WITHSCORES')[2]
-      redis.call('ZADD', KEYS[8], 'LT', first and tonumber(first) or now + lease, ARGV[5])
-    end
+    keep_parked(KE, KP, KH, KEYS[8], token, ARGV[4], ARGV[5], now, lease)
     return wake(limit, lease, {0, holder(), redis.call('ZRANK', KW, token) or -1})
     """
 
@@ -1118,7 +1124,9 @@ class Scripts:
         return bool(self._run(self._extend, lock_keys(base), [token, lease_ms]))
 
     #: Periodic, from the workers that use locks: hands places freed by expired leases to
-    #: parked jobs. KEYS: the prelude's. ARGV: limit, lease ms. Returns {ms until the next
+    #: parked jobs. KEYS: the prelude's; KEYS[8] (single server, optional): the sweepers'
+    #: registry, where the lock is rescheduled (or unregistered) in the same script. ARGV:
+    #: limit, lease ms, the lock's registry entry (with KEYS[8]). Returns {ms until the next
     #: check or -1 when none is needed, leases found run out, places given up, woken...}.
     SWEEP_LOCK = LOCK_PRELUDE + """
     local limit, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -1135,12 +1143,25 @@ class Scripts:
       end
       out[1] = math.max(0, (next_at or now + lease) - now)
     end
+    if KEYS[8] then
+      if out[1] < 0 then
+        redis.call('ZREM', KEYS[8], ARGV[3])
+      else  -- not sooner than 50 ms: a lock due at once is not swept in a loop
+        redis.call('ZADD', KEYS[8], now + math.max(out[1], 50), ARGV[3])
+      end
+    end
     return out
     """
 
-    def sweep_lock(self, base: str, *, limit: int, lease_ms: int) -> Swept:
-        """Hand places freed by expired leases to parked jobs (:data:`SWEEP_LOCK`)."""
-        reply = self._run(self._sweep, lock_keys(base), [limit, lease_ms])
+    def sweep_lock(self, base: str, *, limit: int, lease_ms: int,
+                   registry: str | None = None) -> Swept:
+        """Hand places freed by expired leases to parked jobs (:data:`SWEEP_LOCK`);
+        ``registry``: reschedule the lock there in the same script (not on a Cluster,
+        where it is in another slot: :meth:`Store.reschedule`)."""
+        args: list[Any] = [limit, lease_ms]
+        if registry is not None:
+            args.append(RegistryEntry(limit, lease_ms, base).member())
+        reply = self._run(self._sweep, self._lock_keys(base, None, registry), args)
         return Swept(int(reply[0]), int(reply[1]), int(reply[2]), _woken(reply[3:]))
 
     #: The operator's listing (``celery_unique.admin``): a page of locks of both kinds read in

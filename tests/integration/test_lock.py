@@ -249,6 +249,44 @@ def test_park_registers_the_lock_for_the_sweepers_in_the_same_script(
     assert server_ms < store.client.zscore(registry, member) <= server_ms + lock.lease + 1000
 
 
+def test_a_sweep_reschedules_its_lock_in_its_own_script(
+    unique_redis_server: RedisServer,
+) -> None:
+    """A worker's sweep of a registered lock is one round trip: the script that hands the
+    places on also reschedules the lock (due when its first lease ends) or, nothing left
+    parked, unregisters it. Only on a Cluster does the worker send a command more."""
+    from celery import Celery
+
+    from celery_unique.runtime import sweep_lock
+    from celery_unique.wire import RegistryEntry
+
+    store = make_store(unique_redis_server)
+    lock = Lock(store, lease=300)
+    registry = "celery_unique:l:waiting"
+    entry = RegistryEntry(lock.limit, lock.lease, lock.base)
+    assert lock.acquire("a")[0] == 1
+    lock.acquire("b")
+    store.park(lock.base, token="b", limit=lock.limit, lease_ms=lock.lease,
+               message="message-b", registry=registry)
+    store.client.zadd(registry, {entry.member(): 0})  # due now
+    sent: list[str] = []
+    real = store.reschedule
+    store.reschedule = lambda *a: (sent.append("reschedule"), real(*a))  # type: ignore
+    app = Celery("sweep", set_as_current=False)
+    assert sweep_lock(app, store, registry, entry.member(), entry) == 0  # a holds it
+    ends = store.client.zscore(f"{lock.base}:holders", "a")
+    assert store.client.zscore(registry, entry.member()) == ends  # due when a's lease ends
+    wait_for(lambda: sweep_lock(app, store, registry, entry.member(), entry) == 1,
+             timeout=2, what="a's lease to run out and b to be woken")
+    # b is handed the lock: looked at again when that lease ends, should it never start.
+    handed = store.client.zscore(f"{lock.base}:holders", "b")
+    assert store.client.zscore(registry, entry.member()) == handed
+    assert lock.acquire("b")[0] == 1  # it starts
+    assert sweep_lock(app, store, registry, entry.member(), entry) == 0
+    assert store.client.zscore(registry, entry.member()) is None  # nothing parked
+    assert sent == []
+
+
 def test_a_volatile_lock_store_is_told_apart(unique_redis_server: RedisServer) -> None:
     """The worker's durability hint: warned of only where nothing survives a restart."""
     from celery_unique.runtime import volatile
