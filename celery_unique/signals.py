@@ -36,9 +36,10 @@ lock_acquired = Signal(name="celery_unique.lock_acquired")
 #: eager mode).
 lock_waiting = Signal(name="celery_unique.lock_waiting")
 
-#: Sent by the worker when a job over its ``global_rate_limit`` does not start now.
-#: Sender: the task. Arguments: ``key`` (the limit's Redis key), ``task_id``, ``action``
-#: (``"parked"``: it waits in line, ``"skipped"``, or ``"waiting"`` in eager mode).
+#: Sent when a job over its ``global_rate_limit`` does not start now: by the worker, or by
+#: the caller for a job parked at enqueue (the atomic path). Sender: the task.
+#: Arguments: ``key`` (the limit's Redis key), ``task_id``, ``action`` (``"parked"``: it
+#: waits in line, ``"skipped"``, or ``"waiting"`` in eager mode).
 rate_limited = Signal(name="celery_unique.rate_limited")
 
 #: Sent when a job that held its lock ends. Arguments: ``key``, ``task_id``, ``state``.
