@@ -291,8 +291,10 @@ end
 #   holders  ZSET token -> lease deadline (ms, server time): the jobs running under it
 #   line     ZSET token -> ticket: jobs waiting, in creation order
 #   parked   HASH token -> message: jobs waiting without a worker slot, to publish again
-#   seq      the last ticket or fence given (both strictly increase per lock); it expires
-#            after an hour unused, and starts again above the server time in µs
+#   seq      the last ticket or fence given (each above every one given before it; a job
+#            taking the lock while its ticket is the last one given takes that ticket as
+#            its fence); it expires after an hour unused, and starts again above the
+#            server time in µs
 #   arrival  ZSET token -> deadline: line entries whose job is not parked: on its way to a
 #            worker (deadline: its queueing_lock_timeout) or received by one, which
 #            renews it a lease ahead while it holds the message (``ARRIVE``)
@@ -311,15 +313,20 @@ end
 # ("\x01queue\nmessage"), which a wake pushes onto its queue inside the script when that
 # queue is KEYS[7]: the calling job's own queue, where jobs of one lock usually come from.
 
-#: Shared by the execution lock's scripts. KEYS[1..6]: the lock's keys (above); KEYS[7]
-#: (single server only): the calling job's queue, or KEYS[1] again for none (a key the
-#: store's user may reach: an ACL checks every key a script names, '' included).
-LOCK_PRELUDE = """
+# Shared by the execution lock's scripts. KEYS[1..6]: the lock's keys (above); KEYS[7]
+# (single server only): the calling job's queue, or KEYS[1] again for none (a key the
+# store's user may reach: an ACL checks every key a script names, '' included).
+_LOCK_HEAD = """
 local KH, KW, KP, KS, KE, KR = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local KQ = KEYS[7]
 if KQ == KH then KQ = '' end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+
+# The functions every lock script may call. A script's common case runs before them where
+# it can: a script run makes each function anew (a closure), about a µs of server time.
+_LOCK_FUNCTIONS = """
 
 -- Holders whose lease ran out (a killed worker) are gone; one handed the lock that never
 -- started (its new message was lost) goes back to the front of the line.
@@ -441,6 +448,10 @@ local function arrived(tokens, lease)
   end
 end
 """
+
+#: The head and the functions of every execution lock script (:data:`Scripts.ACQUIRE_LOCK`
+#: and :data:`Scripts.RELEASE_LOCK` run their common case between the two).
+LOCK_PRELUDE = _LOCK_HEAD + _LOCK_FUNCTIONS
 
 
 class Scripts:
@@ -911,9 +922,33 @@ class Scripts:
     #: has ended already (a late copy: it is dropped); else {0, a holder's token, place in
     #: line or -1, woken...}; woken: {token, message} pairs of parked jobs handed the lock,
     #: for the caller to publish again (:class:`Grant`, :class:`LockReply`).
-    ACQUIRE_LOCK = LOCK_PRELUDE + """
+    ACQUIRE_LOCK = _LOCK_HEAD + """
     local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
     local order = ARGV[4] == 'order'
+    -- The common case, before the functions are made: nobody holds the lock or is parked
+    -- for it, this run has not ended already, and the job is first in line ("order") or
+    -- has no line.
+    if not ARGV[8] and limit > 0 and redis.call('EXISTS', KH, KP) == 0
+        and not (ARGV[7] and ARGV[7] ~= '' and redis.call('ZSCORE', KR, ARGV[7])) then
+      local first = order and redis.call('ZRANGE', KW, 0, 0, 'WITHSCORES') or {}
+      if not order or first[1] == token then
+        if order then
+          redis.call('ZREM', KW, token)
+          redis.call('ZREM', KE, token)
+        end
+        redis.call('ZADD', KH, now + lease, token)
+        if KEYS[8] and redis.call('GET', KEYS[8]) == token then redis.call('DEL', KEYS[8]) end
+        -- Its fence: its own ticket while no ticket or fence was given after it (each
+        -- given one is above every earlier one, and any given later is above it: seq is
+        -- not written); else the next.
+        local last = tonumber(redis.call('GET', KS) or '0')
+        if first[2] and tonumber(first[2]) == last then return {1, last, -1} end
+        local fence = math.max(last + 1, now * 1000)
+        redis.call('SET', KS, string.format('%d', fence), 'PX', 3600000)
+        return {1, fence, -1}
+      end
+    end
+    """ + _LOCK_FUNCTIONS + """
     local function grant(handed)
       if order then  -- only "order" jobs have a place, an arrival mark or a message here
         redis.call('ZREM', KW, token)
@@ -1041,7 +1076,7 @@ class Scripts:
     #: prelude's. ARGV: token, limit, lease ms; for a run that ended on a worker, its
     #: "token:retries" and how long (ms) to remember it ran. Returns {1 if it held the lock,
     #: 2 if it held it until its lease ran out (found now), else 0, woken...}.
-    RELEASE_LOCK = LOCK_PRELUDE + """
+    RELEASE_LOCK = _LOCK_HEAD + """
     local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
     local held = 0
     local deadline = redis.call('ZSCORE', KH, token)
@@ -1049,18 +1084,25 @@ class Scripts:
       redis.call('ZREM', KH, token)
       held = tonumber(deadline) > now and 1 or 2  -- 2: its lease ran out first
     end
+    if ARGV[4] and ARGV[4] ~= '' then
+      local keep = tonumber(ARGV[5])
+      local ttl = redis.call('PTTL', KR)
+      if ttl > 0 and redis.call('ZREMRANGEBYSCORE', KR, '-inf', now) > 0 then
+        ttl = redis.call('PTTL', KR)  -- gone with its last entry
+      end
+      redis.call('ZADD', KR, now + keep, ARGV[4])
+      if ttl < keep then redis.call('PEXPIRE', KR, keep) end
+    end
+    -- The common case, before the functions are made: nobody else holds the lock, waits
+    -- in line, is parked or on the way to take a place it was handed.
+    if redis.call('EXISTS', KH, KW, KP, KE) == 0 then return {held} end
+    """ + _LOCK_FUNCTIONS + """
     -- A holder may have a place too: a copy of it published under its id (the broker
     -- gave a message back, an outage); it goes with it.
     redis.call('ZREM', KW, token)
     redis.call('ZREM', KE, token)
     redis.call('HDEL', KP, token)
     if redis.call('ZCARD', KH) > 0 then expire() end
-    if ARGV[4] and ARGV[4] ~= '' then
-      local keep = tonumber(ARGV[5])
-      redis.call('ZREMRANGEBYSCORE', KR, '-inf', now)
-      redis.call('ZADD', KR, now + keep, ARGV[4])
-      if redis.call('PTTL', KR) < keep then redis.call('PEXPIRE', KR, keep) end
-    end
     return wake(limit, lease, {held})
     """
 

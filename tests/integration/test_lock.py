@@ -160,6 +160,44 @@ def test_limit_two_is_a_semaphore_in_order(unique_redis_server: RedisServer) -> 
     assert int(b[1]) < fences[0] < fences[1]
 
 
+def test_fences_increase_when_a_job_first_in_line_takes_its_ticket_as_its_fence(
+    unique_redis_server: RedisServer,
+) -> None:
+    """A job first in an empty lock's line takes the lock in one short script: its fence
+    is its own ticket while nothing was given after it (the counter is not written), and
+    the next one otherwise; every fence is still above every earlier ticket and fence."""
+    lock = Lock(make_store(unique_redis_server))
+    store, seq = lock.store, lock_keys(lock.base)[3]
+    given: dict[str, int] = {}  # every ticket and fence given, by its job
+
+    def enter(token: str) -> int:
+        given[token] = int(store.enter_line(lock.base, token, 3_600_000).ticket)
+        return given[token]
+
+    def take(token: str, mode: str = "order") -> int:
+        fence = int(lock.acquire(token, mode=mode)[1])
+        others = [v for k, v in given.items() if k != token]
+        assert fence > max(others, default=0), (token, fence, given)
+        given[token + " fence"] = fence
+        return fence
+
+    ticket = enter("a")
+    assert take("a") == ticket == int(store.client.get(seq))  # its ticket, seq unwritten
+    assert lock.release("a") == [1]
+    enter("b")
+    take("n", mode="retry")  # a job without a place takes the lock meanwhile
+    assert lock.release("n") == [1]
+    assert take("b") == int(store.client.get(seq))  # above n's fence: the next one
+    assert lock.release("b") == [1]
+    enter("c")
+    enter("d")  # a ticket given after c's: c's fence is the next one
+    take("c")
+    assert lock.release("c") == [1]
+    take("d")
+    assert lock.release("d") == [1]
+    assert lock.keys() == []
+
+
 def test_a_place_whose_job_never_arrives_is_given_up(unique_redis_server: RedisServer) -> None:
     store = make_store(unique_redis_server)
     lock = Lock(store)
