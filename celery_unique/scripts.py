@@ -291,10 +291,8 @@ end
 #   holders  ZSET token -> lease deadline (ms, server time): the jobs running under it
 #   line     ZSET token -> ticket: jobs waiting, in creation order
 #   parked   HASH token -> message: jobs waiting without a worker slot, to publish again
-#   seq      the last ticket or fence given (each above every one given before it; a job
-#            taking the lock while its ticket is the last one given takes that ticket as
-#            its fence); it expires after an hour unused, and starts again above the
-#            server time in µs
+#   seq      the last ticket or fence given (both strictly increase per lock); it expires
+#            after an hour unused, and starts again above the server time in µs
 #   arrival  ZSET token -> deadline: line entries whose job is not parked: on its way to a
 #            worker (deadline: its queueing_lock_timeout) or received by one, which
 #            renews it a lease ahead while it holds the message (``ARRIVE``)
@@ -930,20 +928,17 @@ class Scripts:
     -- has no line.
     if not ARGV[8] and limit > 0 and redis.call('EXISTS', KH, KP) == 0
         and not (ARGV[7] and ARGV[7] ~= '' and redis.call('ZSCORE', KR, ARGV[7])) then
-      local first = order and redis.call('ZRANGE', KW, 0, 0, 'WITHSCORES') or {}
-      if not order or first[1] == token then
+      if not order or redis.call('ZRANGE', KW, 0, 0)[1] == token then
         if order then
           redis.call('ZREM', KW, token)
           redis.call('ZREM', KE, token)
         end
         redis.call('ZADD', KH, now + lease, token)
         if KEYS[8] and redis.call('GET', KEYS[8]) == token then redis.call('DEL', KEYS[8]) end
-        -- Its fence: its own ticket while no ticket or fence was given after it (each
-        -- given one is above every earlier one, and any given later is above it: seq is
-        -- not written); else the next.
-        local last = tonumber(redis.call('GET', KS) or '0')
-        if first[2] and tonumber(first[2]) == last then return {1, last, -1} end
-        local fence = math.max(last + 1, now * 1000)
+        -- Its fence is the next one given, never its ticket: a fence is above the time
+        -- of its grant, so that after a failover that lost a grant, a later grant on the
+        -- promoted replica still has the higher fence.
+        local fence = math.max(tonumber(redis.call('GET', KS) or '0') + 1, now * 1000)
         redis.call('SET', KS, string.format('%d', fence), 'PX', 3600000)
         return {1, fence, -1}
       end
