@@ -206,6 +206,23 @@ def test_a_fence_is_above_every_earlier_one_and_the_time_of_its_grant(
     assert lock.keys() == []
 
 
+def test_the_fence_counter_is_written_in_place_within_a_minute_of_its_ttl(
+    unique_redis_server: RedisServer,
+) -> None:
+    """The counter is given an hour when written; within a minute of that it is written
+    in place (its TTL kept), past it written again with a new hour: the fence given is the
+    counter's new value either way."""
+    lock = Lock(make_store(unique_redis_server))
+    client, seq = lock.store.client, lock_keys(lock.base)[3]
+    for ttl, renewed in ((3_590_000, False), (1_800_000, True)):
+        lock.store.enter_line(lock.base, "a", 3_600_000)
+        client.pexpire(seq, ttl)
+        fence = int(lock.acquire("a")[1])
+        assert fence == int(client.get(seq))
+        assert (client.pttl(seq) > ttl) is renewed, (ttl, client.pttl(seq))
+        assert lock.release("a") == [1]
+
+
 def test_a_place_whose_job_never_arrives_is_given_up(unique_redis_server: RedisServer) -> None:
     store = make_store(unique_redis_server)
     lock = Lock(store)
