@@ -25,8 +25,9 @@ worker, taking the lock) is printed as median, p90 and max.
 
     python bench/execute.py [--jobs 2000] [--rounds 3] [--ordered 300]
 
-Each round runs every variant, starting with another one each round; a variant's ratio
-is the median over rounds of its throughput over plain Celery's in the same round.
+Each round runs every variant beside a run of plain Celery's of its own (just before or
+just after it, in turn), starting with another variant each round; a variant's ratio is
+the median over rounds of its throughput over that plain run's.
 """
 
 from __future__ import annotations
@@ -239,13 +240,25 @@ def main() -> None:
         for name in VARIANTS:  # warm up every pool process, connection and script
             run_jobs(name, 200, lambda n: uuid.uuid4().hex)
         rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        # Each variant's run beside a run of plain Celery's of its own, just before or
+        # just after it (in turn): the machine's speed drifts by 2x within minutes, and
+        # within a round too, so a ratio to a plain run five runs away measures the drift.
+        beside: dict[str, list[float]] = {name: [] for name in VARIANTS}
         cpu: dict[str, dict[str, list[float]]] = {name: {} for name in VARIANTS}
+        others = VARIANTS[1:]
         for n in range(opts.rounds):
             # Each round starts with another variant, so that none keeps a favourable
-            # place (this machine's speed drifts within a round, too).
-            for name in VARIANTS[n % len(VARIANTS):] + VARIANTS[:n % len(VARIANTS)]:
-                rows = run_jobs(name, opts.jobs, lambda n: uuid.uuid4().hex, cpu[name])
-                rates[name].append(throughput(rows))
+            # place.
+            for i, name in enumerate(others[n % len(others):] + others[:n % len(others)]):
+                pair = ["plain", name] if (n + i) % 2 == 0 else [name, "plain"]
+                got = {}
+                for one in pair:
+                    rows = run_jobs(one, opts.jobs, lambda n: uuid.uuid4().hex, cpu[one])
+                    got[one] = throughput(rows)
+                rates["plain"].append(got["plain"])
+                rates[name].append(got[name])
+                beside[name].append(got["plain"])
+                beside["plain"].append(got["plain"])
         ordered = (run_jobs("celery-unique", opts.ordered, lambda n: "one")
                    if opts.ordered else [])
     finally:
@@ -256,12 +269,14 @@ def main() -> None:
     print(f"jobs per second, median of {opts.rounds} rounds of {opts.jobs} no-op jobs"
           f" (one worker, prefork -c {opts.concurrency}; distinct keys; the variants' order"
           " rotated each round). The ratio is the median over rounds of each round's own"
-          " ratio to plain Celery (paired: the machine's speed drifts between rounds).")
+          " ratio to a run of plain Celery's just before or after it (paired: the machine's"
+          " speed drifts within minutes).")
     for name in VARIANTS:
         rate = statistics.median(rates[name])
-        paired = [r / p for r, p in zip(rates[name], rates["plain"])]
-        print(f"{name:<18}{rate:>9.0f}/s  {statistics.median(paired):>5.2f}x plain"
-              f"   (per round: {', '.join(f'{r:.2f}' for r in paired)})")
+        paired = [r / p for r, p in zip(rates[name], beside[name])]
+        rounds = (f"(per round: {', '.join(f'{r:.2f}' for r in paired)})"
+                  if name != "plain" else f"({len(paired)} runs, one beside each other run)")
+        print(f"{name:<18}{rate:>9.0f}/s  {statistics.median(paired):>5.2f}x plain   {rounds}")
     if cpu["plain"]:
         # The machine has 2 CPUs for 4 pool processes, the main process and Redis: every
         # part's CPU time counts against throughput, wherever it is spent.
@@ -274,7 +289,7 @@ def main() -> None:
                 f"{part} {parts[part]:6.0f} ({parts[part] - plain_parts[part]:+5.0f})"
                 for part in ("main", "pool", "redis")))
     ratio = statistics.median(
-        [r / p for r, p in zip(rates["celery-unique"], rates["plain"])])
+        [r / p for r, p in zip(rates["celery-unique"], beside["celery-unique"])])
     print(f"celery-unique throughput / plain Celery's: {ratio:.2f} (bar >= 0.95)")
 
     if not ordered:
