@@ -103,13 +103,25 @@ def _role(port: int) -> str | None:
         return None
 
 
+def _failover(port: int) -> bool:
+    """Ask the sentinel for a failover; False while it refuses for want of a replica it
+    has read (it learns of the replica from the primary, then reads it, within seconds)."""
+    try:
+        redis.Redis(port=port).execute_command("SENTINEL", "FAILOVER", "mymaster")
+    except redis.ResponseError as exc:
+        if "NOGOODSLAVE" in str(exc):
+            return False
+        raise
+    return True
+
+
 def test_sentinel_with_a_failover_followed(sentinel: tuple[int, int, int]) -> None:
     primary, replica, port = sentinel
     app = make_app(f"sentinel://127.0.0.1:{port};sentinel://127.0.0.1:{port}/0",
                    unique_redis_options={"master_name": "mymaster", "socket_timeout": 2})
     queued = both_locks(app)
     assert redis.Redis(port=primary).exists(f"celery_unique:q:{{{queued.name}:q_1}}")
-    redis.Redis(port=port).execute_command("SENTINEL", "FAILOVER", "mymaster")
+    wait_for(lambda: _failover(port), timeout=30, what="the sentinel to start a failover")
     wait_for(lambda: _master(port) == replica, timeout=30, what="the failover")
     # Until the old primary is told to follow the new one, it still takes writes, which
     # its resync then drops: asynchronous replication (see the guarantees page).
