@@ -340,6 +340,23 @@ local function next_seq()
 end
 """
 
+# The runs a lock remembers (``ran``): expired ones pruned, the key kept as long as its
+# longest entry. ``ask``: a rate limit's start remembers its ask too (``run#ask``).
+_REMEMBER_FUNCTION = """
+local function remember(run, keep, ask)
+  local ttl = redis.call('PTTL', KR)
+  if ttl > 0 and redis.call('ZREMRANGEBYSCORE', KR, '-inf', now) > 0 then
+    ttl = redis.call('PTTL', KR)  -- gone with its last entry
+  end
+  if ask then
+    redis.call('ZADD', KR, now + keep, run, now + keep, run .. '#' .. ask)
+  else
+    redis.call('ZADD', KR, now + keep, run)
+  end
+  if ttl < keep then redis.call('PEXPIRE', KR, keep) end
+end
+"""
+
 # The functions every lock script may call. A script's common case runs before them where
 # it can: a script run makes each function anew (a closure), about a µs of server time.
 _LOCK_FUNCTIONS = """
@@ -929,7 +946,7 @@ class Scripts:
     #: has ended already (a late copy: it is dropped); else {0, a holder's token, place in
     #: line or -1, woken...}; woken: {token, message} pairs of parked jobs handed the lock,
     #: for the caller to publish again (:class:`Grant`, :class:`LockReply`).
-    ACQUIRE_LOCK = _LOCK_HEAD + _NEXT_SEQ_FUNCTION + """
+    ACQUIRE_LOCK = _LOCK_HEAD + _NEXT_SEQ_FUNCTION + _REMEMBER_FUNCTION + """
     local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
     local order = ARGV[4] == 'order'
     -- The common case, before the functions are made: nobody holds the lock or is parked
@@ -964,12 +981,7 @@ class Scripts:
         -- when its first copy came late) is dropped instead of starting again; and so
         -- is this ask (run#ask), so that its own repeat is not taken for a copy.
         redis.call('PEXPIRE', KH, lease)
-        if ARGV[7] ~= '' then
-          local keep = tonumber(ARGV[8])
-          redis.call('ZREMRANGEBYSCORE', KR, '-inf', now)
-          redis.call('ZADD', KR, now + keep, ARGV[7], now + keep, ARGV[7] .. '#' .. ARGV[9])
-          if redis.call('PTTL', KR) < keep then redis.call('PEXPIRE', KR, keep) end
-        end
+        if ARGV[7] ~= '' then remember(ARGV[7], tonumber(ARGV[8]), ARGV[9]) end
       end
       if KEYS[8] and redis.call('GET', KEYS[8]) == token then redis.call('DEL', KEYS[8]) end
       return {1, next_seq(), handed}
@@ -1078,7 +1090,7 @@ class Scripts:
     #: prelude's. ARGV: token, limit, lease ms; for a run that ended on a worker, its
     #: "token:retries" and how long (ms) to remember it ran. Returns {1 if it held the lock,
     #: 2 if it held it until its lease ran out (found now), else 0, woken...}.
-    RELEASE_LOCK = _LOCK_HEAD + """
+    RELEASE_LOCK = _LOCK_HEAD + _REMEMBER_FUNCTION + """
     local token, limit, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
     local held = 0
     local deadline = redis.call('ZSCORE', KH, token)
@@ -1086,15 +1098,7 @@ class Scripts:
       redis.call('ZREM', KH, token)
       held = tonumber(deadline) > now and 1 or 2  -- 2: its lease ran out first
     end
-    if ARGV[4] and ARGV[4] ~= '' then
-      local keep = tonumber(ARGV[5])
-      local ttl = redis.call('PTTL', KR)
-      if ttl > 0 and redis.call('ZREMRANGEBYSCORE', KR, '-inf', now) > 0 then
-        ttl = redis.call('PTTL', KR)  -- gone with its last entry
-      end
-      redis.call('ZADD', KR, now + keep, ARGV[4])
-      if ttl < keep then redis.call('PEXPIRE', KR, keep) end
-    end
+    if ARGV[4] and ARGV[4] ~= '' then remember(ARGV[4], tonumber(ARGV[5])) end
     -- The common case, before the functions are made: nobody else holds the lock, waits
     -- in line, is parked or on the way to take a place it was handed.
     if redis.call('EXISTS', KH, KW, KP, KE) == 0 then return {held} end

@@ -223,6 +223,22 @@ def test_the_fence_counter_is_written_in_place_within_a_minute_of_its_ttl(
         assert lock.release("a") == [1]
 
 
+def test_the_ran_record_outlives_none_of_its_entries_and_never_lives_forever(
+    unique_redis_server: RedisServer,
+) -> None:
+    """A release remembers its run for its window: expired runs are pruned, and a record
+    whose last entry went with the pruning gets the new window as its TTL (not the TTL it
+    had, which a key deleted and made again does not keep)."""
+    lock = Lock(make_store(unique_redis_server))
+    client, ran = lock.store.client, lock_keys(lock.base)[5]
+    client.zadd(ran, {"old:0": 1})  # ended long ago, in a record kept ten minutes
+    client.pexpire(ran, 600_000)
+    assert lock.acquire("a", mode="retry")[0] == 1
+    assert lock.release("a", ran="a:0", keep=5_000) == [1]
+    assert client.zrange(ran, 0, -1) == [b"a:0"]
+    assert 0 < client.pttl(ran) <= 5_000
+
+
 def test_a_place_whose_job_never_arrives_is_given_up(unique_redis_server: RedisServer) -> None:
     store = make_store(unique_redis_server)
     lock = Lock(store)
